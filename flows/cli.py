@@ -1,0 +1,246 @@
+"""`quant-release`: the command line. Its options are generated from `ReleaseConfig`.
+
+Precedence: model defaults < `--config FILE` (YAML) < flags. Endpoints and secrets come from the
+environment only (see `quant-release run --help`, "environment").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import types
+import typing
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from quant_release import __version__
+from quant_release.config import STAGES, ReleaseConfig, build_config, load_config_file
+from quant_release.errors import ConfigError, QuantReleaseError
+
+PROG = "quant-release"
+STAGE_HELP = {
+    "download": "get the source model as a local BF16 checkpoint (Hub repo, local dir, GGUF)",
+    "quantize": "FP8-quantize with modelopt and export a unified HF checkpoint",
+    "build": "prepare the engine for BF16 and FP8 and check that both run",
+    "evaluate": "MMLU k-shot, BF16 vs FP8",
+    "benchmark": "throughput, BF16 vs FP8",
+    "publish": "render the model card, store the release folder, optionally push to a Hub",
+}
+ENVIRONMENT_HELP = """environment:
+  QUANT_RELEASE_STATE_DIR     stage results and local stores (default .quant-release)
+  QUANT_RELEASE_ARTIFACT_URI  s3://BUCKET/PREFIX or a directory (default STATE_DIR/artifacts)
+  MLFLOW_TRACKING_URI         MLflow server or store (default sqlite:///STATE_DIR/mlflow.db)
+  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL   S3 credentials and endpoint
+  HF_TOKEN, HF_ENDPOINT       Hub token and endpoint (for Hub sources and --push-to-hub)
+  HF_HUB_DISABLE_XET=1        upload through LFS, for Hub servers without Xet storage
+  PREFECT_API_URL             a Prefect server; unset: a temporary local one per run
+"""
+EXIT_STAGE_FAILED = 1
+
+
+def leaf_fields() -> Iterator[tuple[tuple[str, ...], FieldInfo, str]]:
+    """(path in ReleaseConfig, field, flag) for every option that has a CLI flag."""
+    for name, field in ReleaseConfig.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for sub_name, sub_field in annotation.model_fields.items():
+                yield (name, sub_name), sub_field, _flag(sub_field)
+        else:
+            yield (name,), field, _flag(field)
+
+
+def _flag(field: FieldInfo) -> str:
+    extra = field.json_schema_extra
+    if not isinstance(extra, dict) or not isinstance(extra.get("cli"), str):
+        raise TypeError(f"field {field} has no CLI flag")
+    return str(extra["cli"])
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _add_option(group: argparse._ArgumentGroup, path: tuple[str, ...], field: FieldInfo, flag: str) -> None:
+    annotation = _unwrap_optional(field.annotation)
+    dest = "opt__" + "__".join(path)
+    default = field.get_default(call_default_factory=True)
+    help_text = f"{field.description} (default: {default if default not in (None, []) else 'none'})"
+    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        return
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        kwargs["nargs"] = "*"
+        if typing.get_origin(item) is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(item))
+            kwargs["metavar"] = "{" + ",".join(typing.get_args(item)) + "}"
+        else:
+            kwargs["metavar"] = path[-1].upper().rstrip("S")
+    elif origin is typing.Literal:
+        kwargs["choices"] = list(typing.get_args(annotation))
+    elif annotation is int:
+        kwargs["type"] = int
+        kwargs["metavar"] = "N"
+    elif annotation is float:
+        kwargs["type"] = float
+    else:
+        kwargs["metavar"] = path[-1].upper()
+    group.add_argument(flag, **kwargs)
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
+    general = parser.add_argument_group("general")
+    general.add_argument("--config", type=Path, metavar="FILE", help="YAML file with any of the options below")
+    general.add_argument("--summary-json", type=Path, metavar="PATH", help="write the run summary here")
+    general.add_argument("--state-dir", type=Path, metavar="DIR",
+                         help="stage results and local stores (env QUANT_RELEASE_STATE_DIR; default .quant-release)")
+    general.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    general.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own log lines")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for path, field, flag in leaf_fields():
+        section = path[0] if len(path) > 1 else "run"
+        if section not in groups:
+            section_field = ReleaseConfig.model_fields.get(section)
+            doc = (section_field.annotation.__doc__ or "") if section_field and section_field.annotation else ""
+            groups[section] = parser.add_argument_group(section, doc.strip().split("\n")[0] or None)
+        _add_option(groups[section], path, field, flag)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Turn a Hugging Face LLM into a published FP8 release: one tracked, resumable run.",
+        epilog=ENVIRONMENT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = commands.add_parser(
+        "run", help="run the whole pipeline (finished stages are reused)",
+        description="Run download → quantize → build → evaluate → benchmark → publish. A stage that finished "
+                    "before with the same inputs is reused, not redone (see --rerun).",
+        epilog=ENVIRONMENT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common_options(run)
+    for stage in STAGES:
+        sub = commands.add_parser(
+            stage, help=STAGE_HELP[stage],
+            description=f"Run only the {stage} stage: {STAGE_HELP[stage]}. Earlier stages must have finished "
+                        "with the same options (they are read back, not rerun).",
+            epilog=ENVIRONMENT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        _common_options(sub)
+    show = commands.add_parser("config", help="print the effective configuration as YAML (or its JSON schema)",
+                               description="Print the configuration that the same options would run with.")
+    _common_options(show)
+    show.add_argument("--schema", action="store_true", help="print the JSON schema instead")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ReleaseConfig:
+    overrides: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if not key.startswith("opt__"):
+            continue
+        target = overrides
+        *parents, leaf = key.removeprefix("opt__").split("__")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    file_data = load_config_file(args.config) if args.config else None
+    origin = f"options (config file {args.config} and flags)" if args.config else "options"
+    return build_config(file_data, overrides, origin=origin)
+
+
+def _prepare_environment(args: argparse.Namespace) -> None:
+    if args.state_dir:
+        os.environ["QUANT_RELEASE_STATE_DIR"] = str(args.state_dir)
+    if args.quiet:
+        os.environ["QUANT_RELEASE_PROGRESS"] = "false"
+    # Prefect settings are read when prefect is first imported, which happens after this.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not args.verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        return _fail(str(exc), exc.exit_code)
+    if args.command == "config":
+        if args.schema:
+            import json
+
+            print(json.dumps(ReleaseConfig.model_json_schema(), indent=2))
+        else:
+            print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    if args.command in STAGES:
+        config = config.model_copy(update={"stages": [args.command]})
+    _prepare_environment(args)
+    return _run(config, args)
+
+
+def _run(config: ReleaseConfig, args: argparse.Namespace) -> int:
+    import logging
+    import warnings
+
+    from quant_release.config import Settings
+    from quant_release.progress import Progress
+
+    if not args.verbose:
+        warnings.filterwarnings("ignore")  # third-party deprecation chatter; progress lines say what matters
+        for name in ("transformers", "mlflow", "modelopt", "DeepSpeed", "alembic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    from flows.release import new_run_id, preflight, release, run_dir
+
+    settings = Settings()
+    try:
+        # The flow checks again; this first pass turns bad input into one line before Prefect starts.
+        preflight(config, settings, Progress(enabled=False))
+    except QuantReleaseError as exc:
+        return _fail(str(exc), exc.exit_code)
+    run_id = new_run_id()
+    code = 0
+    try:
+        # Libraries print to stdout (modelopt's quantizer counts, ...); stdout is for the summary table.
+        with contextlib.redirect_stdout(sys.stderr):
+            release.with_options(flow_run_name=run_id)(config=config)
+    except QuantReleaseError as exc:
+        code = _fail(str(exc), exc.exit_code)
+    except Exception as exc:  # a stage failed; the summary and MLflow hold the details
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        code = _fail(f"{type(exc).__name__}: {first}", EXIT_STAGE_FAILED)
+    summary_file = run_dir(settings, run_id) / "summary.json"
+    if summary_file.is_file():
+        from quant_release.state import write_text_atomic
+        from quant_release.summary import RunSummary, summary_table
+
+        text = summary_file.read_text()
+        if args.summary_json:
+            write_text_atomic(args.summary_json, text)
+        print(summary_table(RunSummary.model_validate_json(text)))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

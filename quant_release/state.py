@@ -1,0 +1,109 @@
+"""Finished stage results on disk, keyed by everything that determines them.
+
+Layout: STATE_DIR/stages/<stage>/<key>/{record.json, ...outputs}. A stage writes into a private
+temporary directory; only when it returned does the directory move into place (one rename), with
+record.json inside. So a crash leaves no half-written result that a later run could mistake for a
+finished one, and re-running a stage never destroys the previous result until the new one exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from quant_release.records import Record
+
+# Bump when a stage's outputs change meaning, so old results stop matching.
+STORE_VERSION = 1
+R = TypeVar("R", bound=Record)
+
+
+def canonical_json(value: Any) -> str:
+    def default(obj: Any) -> Any:
+        if isinstance(obj, BaseModel):
+            return obj.model_dump(mode="json")
+        if isinstance(obj, Path):
+            return str(obj)
+        raise TypeError(f"cannot key on {type(obj).__name__}")
+
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=default)
+
+
+def cache_key(stage: str, inputs: Mapping[str, Any]) -> str:
+    """First 20 hex digits of sha256 over the stage name, store version and canonical inputs."""
+    payload = canonical_json({"stage": stage, "version": STORE_VERSION, "inputs": dict(inputs)})
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+class StageStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def result_dir(self, stage: str, key: str) -> Path:
+        return self.root / "stages" / stage / key
+
+    def load(self, stage: str, key: str, record_type: type[R]) -> R | None:
+        record_file = self.result_dir(stage, key) / "record.json"
+        if not record_file.is_file():
+            return None
+        try:
+            return record_type.model_validate_json(record_file.read_text())
+        except ValueError:
+            # An unreadable record (older format, manual edits) is treated as absent, not trusted.
+            return None
+
+    @contextlib.contextmanager
+    def writing(self, stage: str, key: str) -> Iterator[Path]:
+        """A fresh temporary directory for the stage to fill; see `commit`. Removed if the stage fails."""
+        parent = self.root / "stages" / stage
+        parent.mkdir(parents=True, exist_ok=True)
+        work = parent / f".partial-{key}-{uuid.uuid4().hex[:8]}"
+        work.mkdir()
+        try:
+            yield work
+        finally:
+            if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
+
+    def commit(self, stage: str, key: str, work: Path, record: R) -> R:
+        """Write record.json into `work`, then move it to the result directory in one rename.
+
+        Paths inside the record that point into `work` are rewritten to the final location.
+        """
+        final = self.result_dir(stage, key)
+        relocated = type(record).model_validate_json(
+            record.model_dump_json().replace(json.dumps(str(work))[1:-1], json.dumps(str(final))[1:-1])
+        )
+        tmp_record = work / "record.json.tmp"
+        tmp_record.write_text(relocated.model_dump_json(indent=2))
+        tmp_record.replace(work / "record.json")
+        if final.exists():
+            # A re-run replaces the old result only now that the new one is complete.
+            trash = final.with_name(f".old-{key}-{uuid.uuid4().hex[:8]}")
+            final.replace(trash)
+            work.replace(final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            work.replace(final)
+        return relocated
+
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file in the same directory and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,130 @@
+"""The run summary: what `--summary-json` writes, what MLflow's parent run gets, the closing table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from quant_release.config import STAGES, ReleaseConfig
+from quant_release.errors import QuantReleaseError
+from quant_release.progress import format_seconds
+from quant_release.records import (
+    Engines,
+    MmluResult,
+    ModelSource,
+    QuantizedCheckpoint,
+    Release,
+    StageReport,
+    ThroughputResult,
+)
+
+
+class RunSummary(BaseModel):
+    run_id: str
+    status: str
+    error: str | None = None
+    seconds: float
+    model: dict[str, str | None]
+    stages: dict[str, StageReport]
+    metrics: dict[str, float | None]
+    artifacts: dict[str, str | None]
+    mlflow: dict[str, str | None]
+    hub: dict[str, str | None]
+    device: str
+    environment: dict[str, str]
+    parent_metrics: dict[str, float] = Field(default_factory=dict, exclude=True)
+
+
+def _error_text(error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    if isinstance(error, QuantReleaseError):
+        return str(error)
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def build_summary(*, run_id: str, config: ReleaseConfig, checked_revision: str | None,
+                  reports: dict[str, StageReport], records: dict[str, Any], tracking_uri: str,
+                  mlflow_run_id: str | None, versions: dict[str, str], device: str,
+                  error: BaseException | None, seconds: float) -> RunSummary:
+    source: ModelSource | None = records.get("download")
+    checkpoint: QuantizedCheckpoint | None = records.get("quantize")
+    engines: Engines | None = records.get("build")
+    result: MmluResult | None = records.get("evaluate")
+    throughput: ThroughputResult | None = records.get("benchmark")
+    release: Release | None = records.get("publish")
+    metrics: dict[str, float | None] = {
+        "mmlu_bf16": result.bf16.accuracy if result else None,
+        "mmlu_fp8": result.fp8.accuracy if result else None,
+        "mmlu_questions": float(result.questions) if result else None,
+        "throughput_bf16_tok_s": throughput.bf16.output_tok_s if throughput else None,
+        "throughput_fp8_tok_s": throughput.fp8.output_tok_s if throughput else None,
+        "fp8_speedup": throughput.fp8_speedup if throughput else None,
+        "fp8_top1_agreement": engines.top1_agreement if engines else None,
+    }
+    parent_metrics: dict[str, float] = {}
+    for record in records.values():
+        parent_metrics.update(record.metrics())
+    for stage, report in reports.items():
+        if report.status in ("completed", "cached"):
+            parent_metrics[f"stage/{stage}/seconds"] = report.seconds
+    return RunSummary(
+        run_id=run_id,
+        status="failed" if error else "completed",
+        error=_error_text(error),
+        seconds=seconds,
+        model={"source": config.source.model,
+               "revision": source.revision if source else checked_revision,
+               "fingerprint": source.fingerprint if source else None},
+        stages={stage: reports[stage] for stage in STAGES},
+        metrics=metrics,
+        artifacts={
+            "checkpoint_dir": str(checkpoint.checkpoint_dir) if checkpoint else None,
+            "model_card": str(release.model_card) if release else None,
+            "artifact_uri": release.artifact_uri if release else None,
+            "release_folder": str(release.folder) if release else None,
+            "mmlu_predictions": str(result.predictions_file) if result else None,
+        },
+        mlflow={"tracking_uri": tracking_uri, "run_id": mlflow_run_id},
+        hub={"repo_id": release.hub_repo_id if release else None,
+             "revision": release.hub_revision if release else None,
+             "url": release.hub_url if release else None},
+        device=engines.device_name if engines else device,
+        environment=versions,
+        parent_metrics=parent_metrics,
+    )
+
+
+def summary_table(summary: RunSummary) -> str:
+    """The short table printed at the end of a run."""
+    lines = [f"quant-release run {summary.run_id}: {summary.status} in {format_seconds(summary.seconds)}", ""]
+    lines.append(f"{'stage':<10} {'status':<10} {'time':>8}")
+    for stage, report in summary.stages.items():
+        time_text = format_seconds(report.seconds) if report.status in ("completed", "failed") else "-"
+        lines.append(f"{stage:<10} {report.status:<10} {time_text:>8}")
+    m = summary.metrics
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.2f}%"
+
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    lines += ["", f"{'':<22} {'BF16':>10} {'FP8':>10}",
+              f"{'MMLU accuracy':<22} {pct(m['mmlu_bf16']):>10} {pct(m['mmlu_fp8']):>10}",
+              f"{'output tokens/s':<22} {num(m['throughput_bf16_tok_s'], '.1f'):>10} "
+              f"{num(m['throughput_fp8_tok_s'], '.1f'):>10}",
+              f"{'FP8 speedup':<22} {num(m['fp8_speedup'], '.2f') + 'x' if m['fp8_speedup'] else '-':>21}",
+              "", f"device:   {summary.device}"]
+    if summary.artifacts.get("model_card"):
+        lines.append(f"card:     {summary.artifacts['model_card']}")
+    if summary.artifacts.get("artifact_uri"):
+        lines.append(f"stored:   {summary.artifacts['artifact_uri']}")
+    if summary.hub.get("url"):
+        lines.append(f"hub:      {summary.hub['url']} @ {summary.hub['revision']}")
+    lines.append(f"mlflow:   {summary.mlflow['tracking_uri']} run {summary.mlflow['run_id']}")
+    if summary.error:
+        lines.append(f"error:    {summary.error}")
+    return "\n".join(lines)

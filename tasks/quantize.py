@@ -1,0 +1,129 @@
+"""quantize: FP8 post-training quantization with nvidia-modelopt, exported as a unified HF checkpoint.
+
+W8A8, per-tensor E4M3 with static scales (`mtq.FP8_DEFAULT_CFG`): weight scales from the weights,
+activation scales from max-calibration on real text. `export_hf_checkpoint` writes the format that
+TensorRT-LLM, vLLM and SGLang load (`hf_quant_config.json`, `quantization_config` in config.json).
+The export writes no tokenizer, so the tokenizer files are copied from the source.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from quant_release import textdata
+from quant_release.config import QuantizationConfig
+from quant_release.hashing import digest_dir, fingerprint
+from quant_release.progress import Progress
+from quant_release.records import CalibrationInfo, ModelSource, QuantizedCheckpoint
+from quant_release.stage import StageRunner
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "vocab.json", "merges.txt")
+QUANT_CONFIGS = {"fp8": "FP8_DEFAULT_CFG"}
+
+
+def cache_inputs(config: QuantizationConfig, calib_dataset: str, source: ModelSource,
+                 download_key: str, device: str) -> dict[str, Any]:
+    return {
+        "download": download_key,
+        "source_fingerprint": source.fingerprint,
+        **config.model_dump(exclude={"calib_dataset"}),
+        "calib_dataset": calib_dataset,
+        "device": device,
+        "modelopt": importlib.metadata.version("nvidia-modelopt"),
+        "transformers": importlib.metadata.version("transformers"),
+    }
+
+
+def calibration_windows(calib_dataset: str, encode: Any, config: QuantizationConfig,
+                        separator: list[int]) -> list[list[int]]:
+    """Token windows of `calib_seq_len` from the calibration text (never from the held-out split)."""
+    if calib_dataset == "cnn_dailymail":
+        # Articles are ~800 tokens; ask for enough of them to fill every window.
+        articles = textdata.cnn_dailymail_articles(max(config.calib_samples, 1) * 2)
+        documents = articles
+    elif calib_dataset == "python-docs":
+        documents = textdata.python_docs("calibration")
+    else:
+        raise ValueError(f"unknown calibration dataset {calib_dataset!r}")
+    return textdata.token_windows(documents, encode, config.calib_samples, config.calib_seq_len,
+                                  config.seed, separator=separator)
+
+
+def run_quantize(config: QuantizationConfig, calib_dataset: str, source: ModelSource, device: str,
+                 out_dir: Path, progress: Progress) -> QuantizedCheckpoint:
+    import modelopt.torch.quantization as mtq
+    import torch
+    from modelopt.torch.export import export_hf_checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(source.model_dir))
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    windows = calibration_windows(
+        calib_dataset, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], config, eos
+    )
+    calibration = CalibrationInfo(
+        dataset=calib_dataset, samples=len(windows), seq_len=config.calib_seq_len,
+        tokens=sum(len(w) for w in windows), fingerprint=textdata.fingerprint_tokens(windows),
+    )
+    progress.note("quantize", f"calibration: {calibration.samples} x {calibration.seq_len} tokens of {calib_dataset}")
+
+    torch_device = torch.device("cuda" if device == "cuda" else "cpu")
+    model: Any = AutoModelForCausalLM.from_pretrained(str(source.model_dir), dtype=torch.bfloat16)
+    model = model.to(torch_device).eval()
+    batches = [windows[i : i + config.calib_batch_size] for i in range(0, len(windows), config.calib_batch_size)]
+
+    def forward_loop(calibrated: torch.nn.Module) -> None:
+        with torch.inference_mode():
+            for done, batch in enumerate(batches, start=1):
+                calibrated(torch.tensor(batch, device=torch_device))
+                progress.step("quantize", "calibration batches", done, len(batches))
+
+    mtq.quantize(model, getattr(mtq, QUANT_CONFIGS[config.algorithm]), forward_loop)
+    checkpoint_dir = out_dir / "checkpoint"
+    progress.note("quantize", "exporting unified HF checkpoint")
+    with torch.inference_mode():
+        export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(checkpoint_dir))
+    for name in TOKENIZER_FILES:
+        if (source.model_dir / name).is_file():
+            shutil.copy2(source.model_dir / name, checkpoint_dir / name)
+
+    quant = json.loads((checkpoint_dir / "hf_quant_config.json").read_text())["quantization"]
+    files = digest_dir(checkpoint_dir)
+    return QuantizedCheckpoint(
+        checkpoint_dir=checkpoint_dir,
+        quant_algo=quant["quant_algo"],
+        kv_cache_quant_algo=quant.get("kv_cache_quant_algo"),
+        exclude_modules=list(quant.get("exclude_modules") or []),
+        quantized_layers=_count_fp8_weights(checkpoint_dir),
+        calibration=calibration,
+        modelopt_version=importlib.metadata.version("nvidia-modelopt"),
+        files=files,
+        fingerprint=fingerprint(files),
+    )
+
+
+def _count_fp8_weights(checkpoint_dir: Path) -> int:
+    from safetensors import safe_open
+
+    count = 0
+    for shard in sorted(checkpoint_dir.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            count += sum(1 for key in handle.keys() if key.endswith(".weight_scale"))  # noqa: SIM118
+    return count
+
+
+@task(name="quantize", cache_policy=NO_CACHE, persist_result=False)
+def quantize_task(runner: StageRunner, config: QuantizationConfig, calib_dataset: str, source: ModelSource,
+                  device: str) -> QuantizedCheckpoint:
+    inputs = cache_inputs(config, calib_dataset, source, runner.keys["download"], device)
+    return runner.run("quantize", inputs, QuantizedCheckpoint,
+                      lambda out: run_quantize(config, calib_dataset, source, device, out, runner.progress))

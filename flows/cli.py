@@ -105,8 +105,12 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     general = parser.add_argument_group("general")
     general.add_argument("--config", type=Path, metavar="FILE", help="YAML file with any of the options below")
     general.add_argument("--summary-json", type=Path, metavar="PATH", help="write the run summary here")
-    general.add_argument("--state-dir", type=Path, metavar="DIR",
-                         help="stage results and local stores (env QUANT_RELEASE_STATE_DIR; default .quant-release)")
+    general.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="stage results and local stores (env QUANT_RELEASE_STATE_DIR; default .quant-release)",
+    )
     general.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     general.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own log lines")
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -123,25 +127,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Turn a Hugging Face LLM into a published FP8 release: one tracked, resumable run.",
-        epilog=ENVIRONMENT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=ENVIRONMENT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = commands.add_parser(
-        "run", help="run the whole pipeline (finished stages are reused)",
+        "run",
+        help="run the whole pipeline (finished stages are reused)",
         description="Run download → quantize → build → evaluate → benchmark → publish. A stage that finished "
-                    "before with the same inputs is reused, not redone (see --rerun).",
-        epilog=ENVIRONMENT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "before with the same inputs is reused, not redone (see --rerun).",
+        epilog=ENVIRONMENT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _common_options(run)
     for stage in STAGES:
         sub = commands.add_parser(
-            stage, help=STAGE_HELP[stage],
+            stage,
+            help=STAGE_HELP[stage],
             description=f"Run only the {stage} stage: {STAGE_HELP[stage]}. Earlier stages must have finished "
-                        "with the same options (they are read back, not rerun).",
-            epilog=ENVIRONMENT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+            "with the same options (they are read back, not rerun).",
+            epilog=ENVIRONMENT_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _common_options(sub)
-    show = commands.add_parser("config", help="print the effective configuration as YAML (or its JSON schema)",
-                               description="Print the configuration that the same options would run with.")
+    show = commands.add_parser(
+        "config",
+        help="print the effective configuration as YAML (or its JSON schema)",
+        description="Print the configuration that the same options would run with.",
+    )
     _common_options(show)
     show.add_argument("--schema", action="store_true", help="print the JSON schema instead")
     return parser

@@ -113,8 +113,14 @@ def preflight(config: ReleaseConfig, settings: Settings, progress: Progress) -> 
     if "quantize" in needed:
         calib = textdata.resolve_calibration_dataset(calib, settings.hf_endpoint)
     progress.note("preflight", f"source {checked.kind} {checked.source}; device {device}; calibration {calib}")
-    return Preflight(checked=checked, calib_dataset=calib, device=device, store=store,
-                     tracking_uri=tracking_uri, mmlu_dataset=dataset)
+    return Preflight(
+        checked=checked,
+        calib_dataset=calib,
+        device=device,
+        store=store,
+        tracking_uri=tracking_uri,
+        mmlu_dataset=dataset,
+    )
 
 
 def _current_run_id() -> str:
@@ -143,11 +149,20 @@ def run_release(config: ReleaseConfig, settings: Settings, run_id: str, progress
     parent_id = tracker.start(
         run_name=config.tracking.run_name or run_id,
         params=config.model_dump(mode="json", exclude={"stages", "rerun"}),
-        tags={"quant_release.run_id": run_id, "source": config.source.model, "device": pre.device,
-              **{f"version.{k}": v for k, v in versions.items()}},
+        tags={
+            "quant_release.run_id": run_id,
+            "source": config.source.model,
+            "device": pre.device,
+            **{f"version.{k}": v for k, v in versions.items()},
+        },
     )
-    runner = StageRunner(store=StageStore(settings.state_dir), tracker=tracker, progress=progress,
-                         selected=set(config.stages), rerun=set(config.rerun))
+    runner = StageRunner(
+        store=StageStore(settings.state_dir),
+        tracker=tracker,
+        progress=progress,
+        selected=set(config.stages),
+        rerun=set(config.rerun),
+    )
     records: dict[str, Any] = {}
     error: BaseException | None = None
     try:
@@ -159,17 +174,32 @@ def run_release(config: ReleaseConfig, settings: Settings, run_id: str, progress
         for stage in STAGES:
             runner.reports.setdefault(stage, StageReport(status="skipped"))
         summary = build_summary(
-            run_id=run_id, config=config, checked_revision=pre.checked.commit or pre.checked.identity,
-            reports=runner.reports, records=records, tracking_uri=redact(pre.tracking_uri),
-            mlflow_run_id=parent_id, versions=versions, device=pre.device, error=error,
+            run_id=run_id,
+            config=config,
+            checked_revision=pre.checked.commit or pre.checked.identity,
+            reports=runner.reports,
+            records=records,
+            tracking_uri=redact(pre.tracking_uri),
+            mlflow_run_id=parent_id,
+            versions=versions,
+            device=pre.device,
+            error=error,
             seconds=time.monotonic() - started,
         )
         _finish(summary, summary_path, tracker, pre.store, runner, error)
     return summary
 
 
-def _run_stages(config: ReleaseConfig, settings: Settings, pre: Preflight, needed: set[str],
-                runner: StageRunner, records: dict[str, Any], run_id: str, versions: dict[str, str]) -> None:
+def _run_stages(
+    config: ReleaseConfig,
+    settings: Settings,
+    pre: Preflight,
+    needed: set[str],
+    runner: StageRunner,
+    records: dict[str, Any],
+    run_id: str,
+    versions: dict[str, str],
+) -> None:
     def skip(stage: str) -> None:
         runner.skip(stage, "switched off" if not enabled(config, stage) else "not selected")
 
@@ -179,8 +209,7 @@ def _run_stages(config: ReleaseConfig, settings: Settings, pre: Preflight, neede
         for stage in STAGES[1:]:
             skip(stage)
         return
-    checkpoint: QuantizedCheckpoint = quantize_task(runner, config.quantization, pre.calib_dataset, source,
-                                                    pre.device)
+    checkpoint: QuantizedCheckpoint = quantize_task(runner, config.quantization, pre.calib_dataset, source, pre.device)
     records["quantize"] = checkpoint
     engines: Engines | None = None
     if "build" in needed:
@@ -203,8 +232,9 @@ def _run_stages(config: ReleaseConfig, settings: Settings, pre: Preflight, neede
         skip("benchmark")
     runner.engines.close()
     if "publish" in needed:
-        inputs = PublishInputs(source=source, checkpoint=checkpoint, engines=engines, mmlu=mmlu_result,
-                               throughput=throughput)
+        inputs = PublishInputs(
+            source=source, checkpoint=checkpoint, engines=engines, mmlu=mmlu_result, throughput=throughput
+        )
         release_record: Release = publish_task(runner, config.publish, settings, inputs, run_id, versions, pre.store)
         records["publish"] = release_record
     else:
@@ -222,8 +252,14 @@ def _local_artifacts(settings: Settings, pre: Preflight) -> str | None:
     return None
 
 
-def _finish(summary: RunSummary, summary_path: Path, tracker: Tracker, store: ArtifactStore,
-            runner: StageRunner, error: BaseException | None) -> None:
+def _finish(
+    summary: RunSummary,
+    summary_path: Path,
+    tracker: Tracker,
+    store: ArtifactStore,
+    runner: StageRunner,
+    error: BaseException | None,
+) -> None:
     """Record the summary everywhere; a failure here must not hide the stage error that got us here."""
     runner.engines.close()
     text = summary.model_dump_json(indent=2)
@@ -251,8 +287,11 @@ def _finish(summary: RunSummary, summary_path: Path, tracker: Tracker, store: Ar
 def _prefect_artifact(summary: RunSummary) -> None:
     """The summary table on the flow run's page in the Prefect UI."""
     try:
-        create_markdown_artifact(markdown=f"```\n{summary_table(summary)}\n```", key="release-summary",
-                                 description=f"quant-release run {summary.run_id}")
+        create_markdown_artifact(
+            markdown=f"```\n{summary_table(summary)}\n```",
+            key="release-summary",
+            description=f"quant-release run {summary.run_id}",
+        )
     except Exception as exc:
         del exc
 

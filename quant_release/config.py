@@ -82,7 +82,10 @@ class QuantizationConfig(_Section):
         64, ge=1, le=4096, description="calibration sequences", json_schema_extra=_cli("--calib-samples")
     )
     calib_seq_len: int = Field(
-        512, ge=16, le=16384, description="tokens per calibration sequence",
+        512,
+        ge=16,
+        le=16384,
+        description="tokens per calibration sequence",
         json_schema_extra=_cli("--calib-seq-len"),
     )
     calib_batch_size: int = Field(
@@ -134,7 +137,9 @@ class MmluConfig(_Section):
         4, ge=0, description="scored questions per subject; 0: all", json_schema_extra=_cli("--mmlu-questions")
     )
     max_seq_len: int = Field(
-        2048, ge=64, description="longest prompt; fewer shots are used above it",
+        2048,
+        ge=64,
+        description="longest prompt; fewer shots are used above it",
         json_schema_extra=_cli("--mmlu-max-seq-len"),
     )
     seed: int = Field(0, description="seed for the question subset", json_schema_extra=_cli("--mmlu-seed"))
@@ -161,20 +166,18 @@ class PublishConfig(_Section):
     """Model card and Hub upload."""
 
     push_to_hub: bool = Field(
-        False, description="upload the release folder to HF_ENDPOINT with HF_TOKEN",
+        False,
+        description="upload the release folder to HF_ENDPOINT with HF_TOKEN",
         json_schema_extra=_cli("--push-to-hub"),
     )
-    hub_repo_id: str | None = Field(
-        None, description="target repo, ORG/NAME", json_schema_extra=_cli("--hub-repo-id")
-    )
-    private: bool = Field(
-        True, description="create the Hub repo private", json_schema_extra=_cli("--private")
-    )
+    hub_repo_id: str | None = Field(None, description="target repo, ORG/NAME", json_schema_extra=_cli("--hub-repo-id"))
+    private: bool = Field(True, description="create the Hub repo private", json_schema_extra=_cli("--private"))
     license: str | None = Field(
         None, description="license for the card; default: the source model's", json_schema_extra=_cli("--license")
     )
     base_model: str | None = Field(
-        None, description="base_model for the card; default: the Hub repo id of the source",
+        None,
+        description="base_model for the card; default: the Hub repo id of the source",
         json_schema_extra=_cli("--base-model"),
     )
 
@@ -189,9 +192,7 @@ class PublishConfig(_Section):
 class TrackingConfig(_Section):
     """MLflow experiment naming. The tracking URI itself comes from MLFLOW_TRACKING_URI."""
 
-    experiment: str = Field(
-        "quant-release", description="MLflow experiment", json_schema_extra=_cli("--experiment")
-    )
+    experiment: str = Field("quant-release", description="MLflow experiment", json_schema_extra=_cli("--experiment"))
     run_name: str | None = Field(None, description="MLflow parent run name", json_schema_extra=_cli("--run-name"))
 
 
@@ -218,7 +219,8 @@ class ReleaseConfig(_Section):
 
 
 SECTIONS: tuple[str, ...] = tuple(
-    name for name, field in ReleaseConfig.model_fields.items()
+    name
+    for name, field in ReleaseConfig.model_fields.items()
     if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
 )
 
@@ -261,8 +263,9 @@ def validation_message(exc: ValidationError, origin: str) -> str:
     return f"invalid {origin}: {where}: {first['msg']}{extra}"
 
 
-def build_config(file_data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
-                 origin: str = "config") -> ReleaseConfig:
+def build_config(
+    file_data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, origin: str = "config"
+) -> ReleaseConfig:
     """Defaults, then a config file's mapping, then explicit overrides (CLI flags); validated once."""
     data = deep_merge(file_data or {}, overrides or {})
     try:

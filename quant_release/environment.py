@@ -5,8 +5,18 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 
-PACKAGES = ("quant-release", "torch", "transformers", "nvidia-modelopt", "safetensors", "huggingface_hub",
-            "prefect", "mlflow", "accelerate", "gguf")
+PACKAGES = (
+    "quant-release",
+    "torch",
+    "transformers",
+    "nvidia-modelopt",
+    "safetensors",
+    "huggingface_hub",
+    "prefect",
+    "mlflow",
+    "accelerate",
+    "gguf",
+)
 
 
 def package_versions() -> dict[str, str]:

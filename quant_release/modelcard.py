@@ -57,17 +57,21 @@ def front_matter(inputs: CardInputs) -> dict[str, Any]:
     if inputs.mmlu:
         m = inputs.mmlu
         dataset = {"name": f"MMLU ({m.num_fewshot}-shot, {m.questions} questions)", "type": "cais/mmlu"}
-        meta["model-index"] = [{
-            "name": _title(inputs),
-            "results": [{
-                "task": {"type": "text-generation", "name": "Text Generation"},
-                "dataset": dataset,
-                "metrics": [
-                    {"type": "accuracy", "name": "MMLU accuracy (FP8)", "value": m.fp8.accuracy},
-                    {"type": "accuracy", "name": "MMLU accuracy (BF16 baseline)", "value": m.bf16.accuracy},
+        meta["model-index"] = [
+            {
+                "name": _title(inputs),
+                "results": [
+                    {
+                        "task": {"type": "text-generation", "name": "Text Generation"},
+                        "dataset": dataset,
+                        "metrics": [
+                            {"type": "accuracy", "name": "MMLU accuracy (FP8)", "value": m.fp8.accuracy},
+                            {"type": "accuracy", "name": "MMLU accuracy (BF16 baseline)", "value": m.bf16.accuracy},
+                        ],
+                    }
                 ],
-            }],
-        }]
+            }
+        ]
     return meta
 
 
@@ -100,13 +104,26 @@ def render(inputs: CardInputs) -> str:
     if inputs.mmlu and inputs.mmlu.questions:
         p = inputs.mmlu.fp8.accuracy
         stderr = math.sqrt(p * (1 - p) / inputs.mmlu.questions)
-    body = _environment().get_template("model_card.md.j2").render(
-        title=_title(inputs), source_line=source_line, source=source, checkpoint=inputs.checkpoint,
-        engines=inputs.engines, mmlu=inputs.mmlu, throughput=inputs.throughput, run_id=inputs.run_id,
-        versions=inputs.versions, categories=list(_category_rows()), stderr=stderr,
-        bf16_bytes=_bytes(source.files), fp8_bytes=_bytes(inputs.checkpoint.files),
-        fp8_gemm=(inputs.engines.fp8.options.get("fp8_gemm", "n/a") if inputs.engines else "n/a"),
-        repo_ref=inputs.repo_id or "./this-folder",
+    body = (
+        _environment()
+        .get_template("model_card.md.j2")
+        .render(
+            title=_title(inputs),
+            source_line=source_line,
+            source=source,
+            checkpoint=inputs.checkpoint,
+            engines=inputs.engines,
+            mmlu=inputs.mmlu,
+            throughput=inputs.throughput,
+            run_id=inputs.run_id,
+            versions=inputs.versions,
+            categories=list(_category_rows()),
+            stderr=stderr,
+            bf16_bytes=_bytes(source.files),
+            fp8_bytes=_bytes(inputs.checkpoint.files),
+            fp8_gemm=(inputs.engines.fp8.options.get("fp8_gemm", "n/a") if inputs.engines else "n/a"),
+            repo_ref=inputs.repo_id or "./this-folder",
+        )
     )
     meta = yaml.safe_dump(front_matter(inputs), sort_keys=False, allow_unicode=True)
     return f"{FRONT_MATTER_DELIMITER}\n{meta}{FRONT_MATTER_DELIMITER}\n\n{body}"

@@ -136,8 +136,12 @@ class MmluResult(Record):
     seconds_fp8: float
 
     def metrics(self) -> dict[str, float]:
-        out = {"mmlu/bf16": self.bf16.accuracy, "mmlu/fp8": self.fp8.accuracy,
-               "mmlu/delta": self.fp8.accuracy - self.bf16.accuracy, "mmlu/agreement": self.agreement}
+        out = {
+            "mmlu/bf16": self.bf16.accuracy,
+            "mmlu/fp8": self.fp8.accuracy,
+            "mmlu/delta": self.fp8.accuracy - self.bf16.accuracy,
+            "mmlu/agreement": self.agreement,
+        }
         for variant, scores in (("bf16", self.bf16), ("fp8", self.fp8)):
             for category, value in scores.per_category.items():
                 out[f"mmlu/{variant}/category/{category}"] = value
@@ -169,8 +173,11 @@ class ThroughputResult(Record):
     fp8_speedup: float
 
     def metrics(self) -> dict[str, float]:
-        out = {"throughput/bf16_tok_s": self.bf16.output_tok_s, "throughput/fp8_tok_s": self.fp8.output_tok_s,
-               "fp8_speedup": self.fp8_speedup}
+        out = {
+            "throughput/bf16_tok_s": self.bf16.output_tok_s,
+            "throughput/fp8_tok_s": self.fp8.output_tok_s,
+            "fp8_speedup": self.fp8_speedup,
+        }
         for variant, m in (("bf16", self.bf16), ("fp8", self.fp8)):
             out[f"throughput/{variant}_req_s"] = m.requests_s
             out[f"latency/{variant}_ttft_ms_p50"] = m.ttft_ms_p50

@@ -97,8 +97,9 @@ class StageRunner:
                         record = self.store.commit(stage, key, work_dir, produce(work_dir))
                 except BaseException as exc:
                     seconds = time.monotonic() - start
-                    self.reports[stage] = StageReport(status="failed", seconds=seconds, cache_key=key,
-                                                      error=_one_line(exc), mlflow_run_id=run_id)
+                    self.reports[stage] = StageReport(
+                        status="failed", seconds=seconds, cache_key=key, error=_one_line(exc), mlflow_run_id=run_id
+                    )
                     self.tracker.log_text(run_id, traceback.format_exc(), "error.txt")
                     self.progress.stage_finished(stage, "failed", seconds, _one_line(exc))
                     raise

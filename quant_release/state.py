@@ -96,7 +96,6 @@ class StageStore:
         return relocated
 
 
-
 def write_text_atomic(path: Path, text: str) -> None:
     """Write via a temporary file in the same directory and rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -44,8 +44,15 @@ _PARTIAL_PREFIX = ".qr-"
 _PARTIAL_SUFFIX = ".partial"
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _ACCESS_DENIED_CODES = {
-    "403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-    "InvalidToken", "ExpiredToken", "InvalidClientTokenId", "AllAccessDisabled",
+    "403",
+    "AccessDenied",
+    "Forbidden",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "InvalidClientTokenId",
+    "AllAccessDisabled",
 }
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 
@@ -467,10 +474,8 @@ class S3Store(ArtifactStore):
         base = f"{self.prefix}/" if self.prefix else ""
         keys: list[str] = []
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=base + prefix
-            ):
-                keys.extend(obj["Key"][len(base):] for obj in page.get("Contents", []) if "Key" in obj)
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base + prefix):
+                keys.extend(obj["Key"][len(base) :] for obj in page.get("Contents", []) if "Key" in obj)
         except Exception as exc:
             raise self._fail(exc, f"listing of {self.uri}") from exc
         return sorted(keys)
@@ -521,9 +526,7 @@ def open_store(uri: str) -> ArtifactStore:
     if not scheme or len(scheme) == 1:
         return LocalStore(uri)
     if "@" in parts.netloc:
-        raise ConfigError(
-            f"artifact URI {_redact(uri)} carries credentials: put them in the AWS_* environment instead"
-        )
+        raise ConfigError(f"artifact URI {_redact(uri)} carries credentials: put them in the AWS_* environment instead")
     if parts.query or parts.fragment:
         raise ConfigError(f"artifact URI {uri} must not have a query or fragment")
     if scheme == "file":

@@ -45,10 +45,20 @@ def _error_text(error: BaseException | None) -> str | None:
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
-def build_summary(*, run_id: str, config: ReleaseConfig, checked_revision: str | None,
-                  reports: dict[str, StageReport], records: dict[str, Any], tracking_uri: str,
-                  mlflow_run_id: str | None, versions: dict[str, str], device: str,
-                  error: BaseException | None, seconds: float) -> RunSummary:
+def build_summary(
+    *,
+    run_id: str,
+    config: ReleaseConfig,
+    checked_revision: str | None,
+    reports: dict[str, StageReport],
+    records: dict[str, Any],
+    tracking_uri: str,
+    mlflow_run_id: str | None,
+    versions: dict[str, str],
+    device: str,
+    error: BaseException | None,
+    seconds: float,
+) -> RunSummary:
     source: ModelSource | None = records.get("download")
     checkpoint: QuantizedCheckpoint | None = records.get("quantize")
     engines: Engines | None = records.get("build")
@@ -75,9 +85,11 @@ def build_summary(*, run_id: str, config: ReleaseConfig, checked_revision: str |
         status="failed" if error else "completed",
         error=_error_text(error),
         seconds=seconds,
-        model={"source": config.source.model,
-               "revision": source.revision if source else checked_revision,
-               "fingerprint": source.fingerprint if source else None},
+        model={
+            "source": config.source.model,
+            "revision": source.revision if source else checked_revision,
+            "fingerprint": source.fingerprint if source else None,
+        },
         stages={stage: reports[stage] for stage in STAGES},
         metrics=metrics,
         artifacts={
@@ -88,9 +100,11 @@ def build_summary(*, run_id: str, config: ReleaseConfig, checked_revision: str |
             "mmlu_predictions": str(result.predictions_file) if result else None,
         },
         mlflow={"tracking_uri": tracking_uri, "run_id": mlflow_run_id},
-        hub={"repo_id": release.hub_repo_id if release else None,
-             "revision": release.hub_revision if release else None,
-             "url": release.hub_url if release else None},
+        hub={
+            "repo_id": release.hub_repo_id if release else None,
+            "revision": release.hub_revision if release else None,
+            "url": release.hub_url if release else None,
+        },
         device=engines.device_name if engines else device,
         environment=versions,
         parent_metrics=parent_metrics,
@@ -112,12 +126,16 @@ def summary_table(summary: RunSummary) -> str:
     def num(value: float | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    lines += ["", f"{'':<22} {'BF16':>10} {'FP8':>10}",
-              f"{'MMLU accuracy':<22} {pct(m['mmlu_bf16']):>10} {pct(m['mmlu_fp8']):>10}",
-              f"{'output tokens/s':<22} {num(m['throughput_bf16_tok_s'], '.1f'):>10} "
-              f"{num(m['throughput_fp8_tok_s'], '.1f'):>10}",
-              f"{'FP8 speedup':<22} {num(m['fp8_speedup'], '.2f') + 'x' if m['fp8_speedup'] else '-':>21}",
-              "", f"device:   {summary.device}"]
+    lines += [
+        "",
+        f"{'':<22} {'BF16':>10} {'FP8':>10}",
+        f"{'MMLU accuracy':<22} {pct(m['mmlu_bf16']):>10} {pct(m['mmlu_fp8']):>10}",
+        f"{'output tokens/s':<22} {num(m['throughput_bf16_tok_s'], '.1f'):>10} "
+        f"{num(m['throughput_fp8_tok_s'], '.1f'):>10}",
+        f"{'FP8 speedup':<22} {num(m['fp8_speedup'], '.2f') + 'x' if m['fp8_speedup'] else '-':>21}",
+        "",
+        f"device:   {summary.device}",
+    ]
     if summary.artifacts.get("model_card"):
         lines.append(f"card:     {summary.artifacts['model_card']}")
     if summary.artifacts.get("artifact_uri"):

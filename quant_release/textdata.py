@@ -52,8 +52,9 @@ def hub_dataset_reachable(repo_id: str, endpoint: str, timeout: float = 5.0) -> 
     """Whether the Hub answers for `repo_id` (a cheap metadata call, failing fast when offline)."""
     import os
 
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False") or \
-            os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0", "false", "False"):
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False") or os.environ.get(
+        "HF_DATASETS_OFFLINE", "0"
+    ) not in ("", "0", "false", "False"):
         return False
     from huggingface_hub import HfApi
 

@@ -28,11 +28,16 @@ def cache_inputs(config: BenchmarkConfig, build_key: str) -> dict[str, Any]:
 
 def workload(config: BenchmarkConfig, engine: LoadedEngine) -> BenchmarkWorkload:
     count = config.num_requests + config.warmup_requests
-    prompts = textdata.token_windows(textdata.python_docs("heldout"), engine.encode, count, config.input_len,
-                                     PROMPT_SEED)
+    prompts = textdata.token_windows(
+        textdata.python_docs("heldout"), engine.encode, count, config.input_len, PROMPT_SEED
+    )
     # Warm-up requests come first in the list and are run untimed by the engine.
-    return BenchmarkWorkload(prompts=prompts[config.warmup_requests:], output_len=config.output_len,
-                             batch_size=config.batch_size, warmup_requests=config.warmup_requests)
+    return BenchmarkWorkload(
+        prompts=prompts[config.warmup_requests :],
+        output_len=config.output_len,
+        batch_size=config.batch_size,
+        warmup_requests=config.warmup_requests,
+    )
 
 
 def run_benchmark(config: BenchmarkConfig, engines: Engines, pool: EnginePool, progress: Progress) -> ThroughputResult:
@@ -44,13 +49,22 @@ def run_benchmark(config: BenchmarkConfig, engines: Engines, pool: EnginePool, p
         measured[variant] = engine.benchmark(work, on_step)
         progress.note("benchmark", f"{variant}: {measured[variant].output_tok_s:.1f} output tok/s")
     return ThroughputResult(
-        engine=engines.kind, device_name=engines.device_name, batch_size=config.batch_size,
-        input_len=config.input_len, output_len=config.output_len, bf16=measured["bf16"], fp8=measured["fp8"],
+        engine=engines.kind,
+        device_name=engines.device_name,
+        batch_size=config.batch_size,
+        input_len=config.input_len,
+        output_len=config.output_len,
+        bf16=measured["bf16"],
+        fp8=measured["fp8"],
         fp8_speedup=measured["fp8"].output_tok_s / measured["bf16"].output_tok_s,
     )
 
 
 @task(name="benchmark", cache_policy=NO_CACHE, persist_result=False)
 def benchmark_task(runner: StageRunner, config: BenchmarkConfig, engines: Engines) -> ThroughputResult:
-    return runner.run("benchmark", cache_inputs(config, runner.keys["build"]), ThroughputResult,
-                      lambda _out: run_benchmark(config, engines, runner.engines, runner.progress))
+    return runner.run(
+        "benchmark",
+        cache_inputs(config, runner.keys["build"]),
+        ThroughputResult,
+        lambda _out: run_benchmark(config, engines, runner.engines, runner.progress),
+    )

@@ -32,8 +32,9 @@ def cache_inputs(config: EngineConfig, device: str, download_key: str, quantize_
 
 
 def probe_windows(engine: LoadedEngine) -> list[list[int]]:
-    return textdata.token_windows(textdata.python_docs("heldout"), engine.encode, PROBE_SEQUENCES,
-                                  PROBE_LENGTH, PROBE_SEED)
+    return textdata.token_windows(
+        textdata.python_docs("heldout"), engine.encode, PROBE_SEQUENCES, PROBE_LENGTH, PROBE_SEED
+    )
 
 
 def top1_agreement(reference: list[list[int]], candidate: list[list[int]]) -> tuple[float, int]:
@@ -41,14 +42,21 @@ def top1_agreement(reference: list[list[int]], candidate: list[list[int]]) -> tu
     return sum(a == b for a, b in pairs) / len(pairs), len(pairs)
 
 
-def run_build(config: EngineConfig, device: str, source: ModelSource, checkpoint: QuantizedCheckpoint,
-              out_dir: Path, progress: Progress) -> Engines:
+def run_build(
+    config: EngineConfig,
+    device: str,
+    source: ModelSource,
+    checkpoint: QuantizedCheckpoint,
+    out_dir: Path,
+    progress: Progress,
+) -> Engines:
     backend = get_backend(config.kind)
     backend.check_available(device)
     handles: dict[Variant, EngineHandle] = {
         "bf16": backend.prepare("bf16", source.model_dir, out_dir / "bf16", device, {}),
-        "fp8": backend.prepare("fp8", checkpoint.checkpoint_dir, out_dir / "fp8", device,
-                               {"fp8_gemm": config.fp8_gemm}),
+        "fp8": backend.prepare(
+            "fp8", checkpoint.checkpoint_dir, out_dir / "fp8", device, {"fp8_gemm": config.fp8_gemm}
+        ),
     }
     predictions: dict[Variant, list[list[int]]] = {}
     device_name = ""
@@ -63,19 +71,29 @@ def run_build(config: EngineConfig, device: str, source: ModelSource, checkpoint
             windows = windows or probe_windows(engine)
             predictions[variant] = engine.greedy_next_tokens(windows)
             handles[variant] = handles[variant].model_copy(
-                update={"weight_bytes": engine.weight_bytes(), "load_seconds": load_seconds})
+                update={"weight_bytes": engine.weight_bytes(), "load_seconds": load_seconds}
+            )
             device_name = engine.device_name
         finally:
             engine.close()
     agreement, tokens = top1_agreement(predictions["bf16"], predictions["fp8"])
     progress.note("build", f"FP8 vs BF16 top-1 agreement {agreement:.3f} over {tokens} held-out tokens")
-    return Engines(kind=config.kind, device=handles["bf16"].device, device_name=device_name,
-                   bf16=handles["bf16"], fp8=handles["fp8"], top1_agreement=agreement, probe_tokens=tokens)
+    return Engines(
+        kind=config.kind,
+        device=handles["bf16"].device,
+        device_name=device_name,
+        bf16=handles["bf16"],
+        fp8=handles["fp8"],
+        top1_agreement=agreement,
+        probe_tokens=tokens,
+    )
 
 
 @task(name="build", cache_policy=NO_CACHE, persist_result=False)
-def build_task(runner: StageRunner, config: EngineConfig, device: str, source: ModelSource,
-               checkpoint: QuantizedCheckpoint) -> Engines:
+def build_task(
+    runner: StageRunner, config: EngineConfig, device: str, source: ModelSource, checkpoint: QuantizedCheckpoint
+) -> Engines:
     inputs = cache_inputs(config, device, runner.keys["download"], runner.keys["quantize"])
-    return runner.run("build", inputs, Engines,
-                      lambda out: run_build(config, device, source, checkpoint, out, runner.progress))
+    return runner.run(
+        "build", inputs, Engines, lambda out: run_build(config, device, source, checkpoint, out, runner.progress)
+    )

@@ -90,8 +90,15 @@ def _gguf_metadata(path: Path) -> dict[str, Any]:
     except Exception as exc:
         raise ConfigError(f"{path} is not a readable GGUF file: {exc}") from exc
     out: dict[str, Any] = {}
-    for key in ("general.architecture", "general.name", "general.license", "general.organization",
-                "general.base_model.0.repo_url", "general.base_model.0.organization", "general.base_model.0.name"):
+    for key in (
+        "general.architecture",
+        "general.name",
+        "general.license",
+        "general.organization",
+        "general.base_model.0.repo_url",
+        "general.base_model.0.organization",
+        "general.base_model.0.name",
+    ):
         field = reader.fields.get(key)
         if field is not None:
             out[key] = field.contents()
@@ -133,8 +140,13 @@ def check_source(config: SourceConfig, settings: Settings) -> CheckedSource:
 
         base = meta.get("general.base_model.0.repo_url")
         return CheckedSource(
-            kind="gguf", source=config.model, path=path, repo_id=None, commit=None,
-            identity=sha256_file(path), license=meta.get("general.license"),
+            kind="gguf",
+            source=config.model,
+            path=path,
+            repo_id=None,
+            commit=None,
+            identity=sha256_file(path),
+            license=meta.get("general.license"),
             base_model=_repo_from_url(base) if isinstance(base, str) else None,
             name=str(meta.get("general.name") or path.stem),
         )
@@ -150,8 +162,15 @@ def check_source(config: SourceConfig, settings: Settings) -> CheckedSource:
         if not any(path.glob("*.safetensors")):
             raise ConfigError(f"{path} holds no .safetensors weights")
         return CheckedSource(
-            kind="local", source=config.model, path=path, repo_id=None, commit=None,
-            identity=_stat_identity(path), license=None, base_model=None, name=path.name,
+            kind="local",
+            source=config.model,
+            path=path,
+            repo_id=None,
+            commit=None,
+            identity=_stat_identity(path),
+            license=None,
+            base_model=None,
+            name=path.name,
         )
     return _check_hub(config, settings)
 
@@ -174,8 +193,9 @@ def _check_hub(config: SourceConfig, settings: Settings) -> CheckedSource:
     repo_id = config.model
     try:
         info = api.model_info(repo_id, revision=config.revision)
-        config_path = hf_hub_download(repo_id, "config.json", revision=info.sha, endpoint=settings.hf_endpoint,
-                                      token=settings.hf_token)
+        config_path = hf_hub_download(
+            repo_id, "config.json", revision=info.sha, endpoint=settings.hf_endpoint, token=settings.hf_token
+        )
     except RevisionNotFoundError:
         raise ConfigError(f"Hub repo {repo_id} has no revision {config.revision!r}") from None
     except GatedRepoError:
@@ -196,8 +216,15 @@ def _check_hub(config: SourceConfig, settings: Settings) -> CheckedSource:
     card = info.card_data
     license_ = getattr(card, "license", None) if card is not None else None
     return CheckedSource(
-        kind="hub", source=repo_id, path=None, repo_id=repo_id, commit=info.sha, identity=str(info.sha),
-        license=license_ if isinstance(license_, str) else None, base_model=repo_id, name=repo_id.split("/")[-1],
+        kind="hub",
+        source=repo_id,
+        path=None,
+        repo_id=repo_id,
+        commit=info.sha,
+        identity=str(info.sha),
+        license=license_ if isinstance(license_, str) else None,
+        base_model=repo_id,
+        name=repo_id.split("/")[-1],
     )
 
 
@@ -211,8 +238,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: Progress) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     progress.note("download", f"converting {gguf_path.name} to a BF16 checkpoint")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                 dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:  # older transformers keep a GGUF "quantizer" that blocks saving
@@ -237,8 +263,14 @@ def run_download(checked: CheckedSource, out_dir: Path, settings: Settings, prog
         assert checked.repo_id is not None
         model_dir = out_dir / "model"
         progress.note("download", f"snapshot {checked.repo_id}@{checked.commit} from {settings.hf_endpoint}")
-        snapshot_download(checked.repo_id, revision=checked.commit, local_dir=str(model_dir),
-                          allow_patterns=HUB_PATTERNS, endpoint=settings.hf_endpoint, token=settings.hf_token)
+        snapshot_download(
+            checked.repo_id,
+            revision=checked.commit,
+            local_dir=str(model_dir),
+            allow_patterns=HUB_PATTERNS,
+            endpoint=settings.hf_endpoint,
+            token=settings.hf_token,
+        )
         revision = checked.commit
     # snapshot_download keeps resume metadata in local_dir/.cache; it is not part of the checkpoint.
     shutil.rmtree(model_dir / ".cache", ignore_errors=True)
@@ -246,10 +278,17 @@ def run_download(checked: CheckedSource, out_dir: Path, settings: Settings, prog
     progress.note("download", f"hashed {len(files)} files")
     model_config = json.loads((model_dir / "config.json").read_text())
     return ModelSource(
-        kind=checked.kind, source=checked.source, revision=revision, model_dir=model_dir, name=checked.name,
+        kind=checked.kind,
+        source=checked.source,
+        revision=revision,
+        model_dir=model_dir,
+        name=checked.name,
         architecture=(model_config.get("architectures") or ["unknown"])[0],
-        num_parameters=_count_parameters(model_dir), license=checked.license, base_model=checked.base_model,
-        files=files, fingerprint=fingerprint(files),
+        num_parameters=_count_parameters(model_dir),
+        license=checked.license,
+        base_model=checked.base_model,
+        files=files,
+        fingerprint=fingerprint(files),
     )
 
 
@@ -270,6 +309,9 @@ def _count_parameters(model_dir: Path) -> int:
 
 @task(name="download", cache_policy=NO_CACHE, persist_result=False)
 def download_task(runner: StageRunner, checked: CheckedSource, settings: Settings) -> ModelSource:
-    return runner.run("download", cache_inputs(checked), ModelSource,
-                      lambda out: run_download(checked, out, settings, runner.progress))
-
+    return runner.run(
+        "download",
+        cache_inputs(checked),
+        ModelSource,
+        lambda out: run_download(checked, out, settings, runner.progress),
+    )

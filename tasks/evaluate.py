@@ -31,8 +31,12 @@ def cache_inputs(config: MmluConfig, dataset_fingerprint: str, build_key: str) -
     return {"build": build_key, **config.model_dump(exclude={"enabled"}), "data_fingerprint": dataset_fingerprint}
 
 
-def score_variant(engine: Any, prompts: list[mmlu.Prompt], progress: Progress, variant: Variant,
-                  ) -> dict[str, list[float]]:
+def score_variant(
+    engine: Any,
+    prompts: list[mmlu.Prompt],
+    progress: Progress,
+    variant: Variant,
+) -> dict[str, list[float]]:
     """Log-probs of the four letters for every prompt; prompts sharing a few-shot prefix go together."""
     out: dict[str, list[float]] = {}
     done = 0
@@ -46,8 +50,9 @@ def score_variant(engine: Any, prompts: list[mmlu.Prompt], progress: Progress, v
     return out
 
 
-def run_evaluate(config: MmluConfig, dataset: mmlu.MmluDataset, engines: Engines, pool: EnginePool,
-                 out_dir: Path, progress: Progress) -> MmluResult:
+def run_evaluate(
+    config: MmluConfig, dataset: mmlu.MmluDataset, engines: Engines, pool: EnginePool, out_dir: Path, progress: Progress
+) -> MmluResult:
     tasks = mmlu.select(dataset, config.subjects, config.num_fewshot, config.questions_per_subject, config.seed)
     bf16 = pool.get(engines.bf16)
 
@@ -69,23 +74,42 @@ def run_evaluate(config: MmluConfig, dataset: mmlu.MmluDataset, engines: Engines
     with predictions_file.open("w") as out:
         for prompt in prompts:
             qid = prompt.question_id
-            out.write(json.dumps({
-                "id": qid, "answer": mmlu.LETTERS[prompt.answer], "shots": prompt.num_shots,
-                "bf16": mmlu.LETTERS[preds["bf16"][qid]], "fp8": mmlu.LETTERS[preds["fp8"][qid]],
-                "bf16_logprobs": logprobs["bf16"][qid], "fp8_logprobs": logprobs["fp8"][qid],
-            }) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "id": qid,
+                        "answer": mmlu.LETTERS[prompt.answer],
+                        "shots": prompt.num_shots,
+                        "bf16": mmlu.LETTERS[preds["bf16"][qid]],
+                        "fp8": mmlu.LETTERS[preds["fp8"][qid]],
+                        "bf16_logprobs": logprobs["bf16"][qid],
+                        "fp8_logprobs": logprobs["fp8"][qid],
+                    }
+                )
+                + "\n"
+            )
     same = sum(preds["bf16"][p.question_id] == preds["fp8"][p.question_id] for p in prompts)
     return MmluResult(
-        data_source=dataset.source, num_fewshot=config.num_fewshot, method=METHOD, subjects=len(tasks),
-        questions=len(prompts), bf16=mmlu.mmlu_scores(tasks, preds["bf16"]),
-        fp8=mmlu.mmlu_scores(tasks, preds["fp8"]), agreement=same / len(prompts),
-        predictions_file=predictions_file, seconds_bf16=seconds["bf16"], seconds_fp8=seconds["fp8"],
+        data_source=dataset.source,
+        num_fewshot=config.num_fewshot,
+        method=METHOD,
+        subjects=len(tasks),
+        questions=len(prompts),
+        bf16=mmlu.mmlu_scores(tasks, preds["bf16"]),
+        fp8=mmlu.mmlu_scores(tasks, preds["fp8"]),
+        agreement=same / len(prompts),
+        predictions_file=predictions_file,
+        seconds_bf16=seconds["bf16"],
+        seconds_fp8=seconds["fp8"],
     )
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
-def evaluate_task(runner: StageRunner, config: MmluConfig, engines: Engines,
-                  dataset: mmlu.MmluDataset) -> MmluResult:
+def evaluate_task(runner: StageRunner, config: MmluConfig, engines: Engines, dataset: mmlu.MmluDataset) -> MmluResult:
     inputs = cache_inputs(config, dataset.fingerprint, runner.keys["build"])
-    return runner.run("evaluate", inputs, MmluResult,
-                      lambda out: run_evaluate(config, dataset, engines, runner.engines, out, runner.progress))
+    return runner.run(
+        "evaluate",
+        inputs,
+        MmluResult,
+        lambda out: run_evaluate(config, dataset, engines, runner.engines, out, runner.progress),
+    )

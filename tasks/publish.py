@@ -63,13 +63,12 @@ def check_publish(config: PublishConfig, settings: Settings) -> None:
     namespace = config.hub_repo_id.split("/")[0]
     allowed = {who.get("name")} | {org.get("name") for org in who.get("orgs", [])}
     if namespace not in allowed:
-        raise ConfigError(
-            f"HF_TOKEN belongs to {who.get('name')!r}, which cannot write to namespace {namespace!r}"
-        )
+        raise ConfigError(f"HF_TOKEN belongs to {who.get('name')!r}, which cannot write to namespace {namespace!r}")
 
 
-def cache_inputs(config: PublishConfig, settings: Settings, upstream_keys: dict[str, str],
-                 artifact_uri: str) -> dict[str, Any]:
+def cache_inputs(
+    config: PublishConfig, settings: Settings, upstream_keys: dict[str, str], artifact_uri: str
+) -> dict[str, Any]:
     inputs: dict[str, Any] = {"upstream": upstream_keys, **config.model_dump(), "artifact_uri": artifact_uri}
     if config.push_to_hub:
         inputs["hf_endpoint"] = settings.hf_endpoint
@@ -96,23 +95,43 @@ def validate_card_on_hub(card: str, endpoint: str) -> None:
     """POST the card to the Hub's /api/validate-yaml (what ModelCard.validate does, for any endpoint)."""
     from huggingface_hub import get_session, hf_raise_for_status
 
-    response = get_session().post(f"{endpoint.rstrip('/')}/api/validate-yaml",
-                                  json={"repoType": "model", "content": card}, headers={"Accept": "text/plain"})
+    response = get_session().post(
+        f"{endpoint.rstrip('/')}/api/validate-yaml",
+        json={"repoType": "model", "content": card},
+        headers={"Accept": "text/plain"},
+    )
     if response.status_code == 400:
         raise ConfigError(f"the Hub rejected the model card's metadata: {response.text.strip()}")
     hf_raise_for_status(response)
 
 
-def run_publish(config: PublishConfig, settings: Settings, inputs: PublishInputs, run_id: str,
-                versions: dict[str, str], store: ArtifactStore, key: str, out_dir: Path,
-                progress: Progress) -> Release:
+def run_publish(
+    config: PublishConfig,
+    settings: Settings,
+    inputs: PublishInputs,
+    run_id: str,
+    versions: dict[str, str],
+    store: ArtifactStore,
+    key: str,
+    out_dir: Path,
+    progress: Progress,
+) -> Release:
     license_ = config.license or inputs.source.license
     base_model = config.base_model or inputs.source.base_model
-    card = modelcard.render(modelcard.CardInputs(
-        run_id=run_id, source=inputs.source, checkpoint=inputs.checkpoint, engines=inputs.engines,
-        mmlu=inputs.mmlu, throughput=inputs.throughput, versions=versions, repo_id=config.hub_repo_id,
-        license=license_, base_model=base_model,
-    ))
+    card = modelcard.render(
+        modelcard.CardInputs(
+            run_id=run_id,
+            source=inputs.source,
+            checkpoint=inputs.checkpoint,
+            engines=inputs.engines,
+            mmlu=inputs.mmlu,
+            throughput=inputs.throughput,
+            versions=versions,
+            repo_id=config.hub_repo_id,
+            license=license_,
+            base_model=base_model,
+        )
+    )
     modelcard.parse_front_matter(card)  # our own YAML must parse before anyone else sees it
     folder = out_dir / "release"
     assemble_folder(inputs.checkpoint, card, folder)
@@ -121,8 +140,7 @@ def run_publish(config: PublishConfig, settings: Settings, inputs: PublishInputs
     manifest_store = store.child(f"releases/{key}")
     progress.note("publish", f"storing release folder at {manifest_store.uri}")
     store.upload_dir(folder, f"releases/{key}")
-    release = Release(folder=folder, model_card=folder / "README.md", files=files,
-                      artifact_uri=manifest_store.uri)
+    release = Release(folder=folder, model_card=folder / "README.md", files=files, artifact_uri=manifest_store.uri)
     if not config.push_to_hub:
         return release
 
@@ -134,24 +152,36 @@ def run_publish(config: PublishConfig, settings: Settings, inputs: PublishInputs
     progress.note("publish", f"pushing to {settings.hf_endpoint}/{config.hub_repo_id}")
     api.create_repo(config.hub_repo_id, private=config.private, exist_ok=True)
     commit = api.upload_folder(
-        repo_id=config.hub_repo_id, folder_path=str(folder),
+        repo_id=config.hub_repo_id,
+        folder_path=str(folder),
         commit_message=f"FP8 release from quant-release run {run_id}",
         commit_description=f"Source: {inputs.source.source} @ {inputs.source.revision}",
     )
-    return release.model_copy(update={
-        "hub_repo_id": config.hub_repo_id, "hub_revision": commit.oid,
-        "hub_url": f"{settings.hf_endpoint.rstrip('/')}/{config.hub_repo_id}",
-    })
+    return release.model_copy(
+        update={
+            "hub_repo_id": config.hub_repo_id,
+            "hub_revision": commit.oid,
+            "hub_url": f"{settings.hf_endpoint.rstrip('/')}/{config.hub_repo_id}",
+        }
+    )
 
 
 @task(name="publish", cache_policy=NO_CACHE, persist_result=False)
-def publish_task(runner: StageRunner, config: PublishConfig, settings: Settings, inputs: PublishInputs,
-                 run_id: str, versions: dict[str, str], store: ArtifactStore) -> Release:
+def publish_task(
+    runner: StageRunner,
+    config: PublishConfig,
+    settings: Settings,
+    inputs: PublishInputs,
+    run_id: str,
+    versions: dict[str, str],
+    store: ArtifactStore,
+) -> Release:
     upstream = {k: v for k, v in runner.keys.items() if k != "publish"}
     key_inputs = cache_inputs(config, settings, upstream, store.uri)
 
     def produce(out: Path) -> Release:
-        return run_publish(config, settings, inputs, run_id, versions, store, runner.keys["publish"], out,
-                           runner.progress)
+        return run_publish(
+            config, settings, inputs, run_id, versions, store, runner.keys["publish"], out, runner.progress
+        )
 
     return runner.run("publish", key_inputs, Release, produce)

@@ -24,13 +24,21 @@ from quant_release.progress import Progress
 from quant_release.records import CalibrationInfo, ModelSource, QuantizedCheckpoint
 from quant_release.stage import StageRunner
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "vocab.json", "merges.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
 QUANT_CONFIGS = {"fp8": "FP8_DEFAULT_CFG"}
 
 
-def cache_inputs(config: QuantizationConfig, calib_dataset: str, source: ModelSource,
-                 download_key: str, device: str) -> dict[str, Any]:
+def cache_inputs(
+    config: QuantizationConfig, calib_dataset: str, source: ModelSource, download_key: str, device: str
+) -> dict[str, Any]:
     return {
         "download": download_key,
         "source_fingerprint": source.fingerprint,
@@ -42,8 +50,9 @@ def cache_inputs(config: QuantizationConfig, calib_dataset: str, source: ModelSo
     }
 
 
-def calibration_windows(calib_dataset: str, encode: Any, config: QuantizationConfig,
-                        separator: list[int]) -> list[list[int]]:
+def calibration_windows(
+    calib_dataset: str, encode: Any, config: QuantizationConfig, separator: list[int]
+) -> list[list[int]]:
     """Token windows of `calib_seq_len` from the calibration text (never from the held-out split)."""
     if calib_dataset == "cnn_dailymail":
         # Articles are ~800 tokens; ask for enough of them to fill every window.
@@ -53,12 +62,14 @@ def calibration_windows(calib_dataset: str, encode: Any, config: QuantizationCon
         documents = textdata.python_docs("calibration")
     else:
         raise ValueError(f"unknown calibration dataset {calib_dataset!r}")
-    return textdata.token_windows(documents, encode, config.calib_samples, config.calib_seq_len,
-                                  config.seed, separator=separator)
+    return textdata.token_windows(
+        documents, encode, config.calib_samples, config.calib_seq_len, config.seed, separator=separator
+    )
 
 
-def run_quantize(config: QuantizationConfig, calib_dataset: str, source: ModelSource, device: str,
-                 out_dir: Path, progress: Progress) -> QuantizedCheckpoint:
+def run_quantize(
+    config: QuantizationConfig, calib_dataset: str, source: ModelSource, device: str, out_dir: Path, progress: Progress
+) -> QuantizedCheckpoint:
     import modelopt.torch.quantization as mtq
     import torch
     from modelopt.torch.export import export_hf_checkpoint
@@ -71,8 +82,11 @@ def run_quantize(config: QuantizationConfig, calib_dataset: str, source: ModelSo
         calib_dataset, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], config, eos
     )
     calibration = CalibrationInfo(
-        dataset=calib_dataset, samples=len(windows), seq_len=config.calib_seq_len,
-        tokens=sum(len(w) for w in windows), fingerprint=textdata.fingerprint_tokens(windows),
+        dataset=calib_dataset,
+        samples=len(windows),
+        seq_len=config.calib_seq_len,
+        tokens=sum(len(w) for w in windows),
+        fingerprint=textdata.fingerprint_tokens(windows),
     )
     progress.note("quantize", f"calibration: {calibration.samples} x {calibration.seq_len} tokens of {calib_dataset}")
 
@@ -122,8 +136,13 @@ def _count_fp8_weights(checkpoint_dir: Path) -> int:
 
 
 @task(name="quantize", cache_policy=NO_CACHE, persist_result=False)
-def quantize_task(runner: StageRunner, config: QuantizationConfig, calib_dataset: str, source: ModelSource,
-                  device: str) -> QuantizedCheckpoint:
+def quantize_task(
+    runner: StageRunner, config: QuantizationConfig, calib_dataset: str, source: ModelSource, device: str
+) -> QuantizedCheckpoint:
     inputs = cache_inputs(config, calib_dataset, source, runner.keys["download"], device)
-    return runner.run("quantize", inputs, QuantizedCheckpoint,
-                      lambda out: run_quantize(config, calib_dataset, source, device, out, runner.progress))
+    return runner.run(
+        "quantize",
+        inputs,
+        QuantizedCheckpoint,
+        lambda out: run_quantize(config, calib_dataset, source, device, out, runner.progress),
+    )

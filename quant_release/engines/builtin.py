@@ -249,8 +249,9 @@ class BuiltinBackend:
     def check_available(self, device: str) -> None:
         resolve_device(device)
 
-    def prepare(self, variant: Variant, model_dir: Path, work_dir: Path, device: str,
-                options: dict[str, str]) -> EngineHandle:
+    def prepare(
+        self, variant: Variant, model_dir: Path, work_dir: Path, device: str, options: dict[str, str]
+    ) -> EngineHandle:
         """The built-in engine compiles nothing: it resolves device and GEMM mode and checks the
         checkpoint's quantization config, so a bad checkpoint fails here and not mid-evaluation."""
         torch_device = resolve_device(device)
@@ -258,8 +259,9 @@ class BuiltinBackend:
         if variant == "fp8":
             read_quant_config(model_dir)
             resolved["fp8_gemm"] = resolve_gemm(options.get("fp8_gemm", "auto"), torch_device)
-        return EngineHandle(kind=self.kind, variant=variant, model_dir=model_dir, device=torch_device.type,
-                            options=resolved)
+        return EngineHandle(
+            kind=self.kind, variant=variant, model_dir=model_dir, device=torch_device.type, options=resolved
+        )
 
     def load(self, handle: EngineHandle) -> BuiltinEngine:
         return BuiltinEngine.load(handle)

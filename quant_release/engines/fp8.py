@@ -110,8 +110,12 @@ class Fp8Linear(nn.Module):
         if self.gemm == "scaled_mm":
             flat = x_q.reshape(-1, self.in_features)
             out = torch._scaled_mm(
-                flat, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
-                bias=self.bias, out_dtype=x.dtype,
+                flat,
+                self.weight.t(),
+                scale_a=self.input_scale,
+                scale_b=self.weight_scale,
+                bias=self.bias,
+                out_dtype=x.dtype,
             )
             return out.reshape(*x.shape[:-1], self.out_features)
         # Both operands hold exact FP8 values in x.dtype; the scales are applied once, after the GEMM.
@@ -132,9 +136,7 @@ def resolve_gemm(requested: str, device: torch.device) -> GemmMode:
         return "emulated"
     supported = scaled_mm_supported(device)
     if requested == "scaled_mm" and not supported:
-        raise CheckpointError(
-            f"fp8_gemm=scaled_mm needs a CUDA GPU with compute capability >= 8.9; device is {device}"
-        )
+        raise CheckpointError(f"fp8_gemm=scaled_mm needs a CUDA GPU with compute capability >= 8.9; device is {device}")
     return "scaled_mm" if supported else "emulated"
 
 
@@ -160,8 +162,9 @@ def _is_excluded(name: str, patterns: tuple[str, ...]) -> bool:
     return any(name == p or fnmatch(name, p) or name.startswith(p + ".") for p in patterns)
 
 
-def swap_in_fp8_linears(model: nn.Module, tensors: dict[str, torch.Tensor], qconfig: Fp8QuantConfig,
-                        gemm: GemmMode) -> list[str]:
+def swap_in_fp8_linears(
+    model: nn.Module, tensors: dict[str, torch.Tensor], qconfig: Fp8QuantConfig, gemm: GemmMode
+) -> list[str]:
     """Replace each quantized nn.Linear with an Fp8Linear; return the replaced module names.
 
     A Linear counts as quantized when the checkpoint stores its weight in FP8. Every such layer must
@@ -190,8 +193,7 @@ def swap_in_fp8_linears(model: nn.Module, tensors: dict[str, torch.Tensor], qcon
                 raise CheckpointError(f"layer {name}: {scale_name} is {float(scale)}, not a positive finite number")
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name,
-                Fp8Linear(module.in_features, module.out_features, module.bias is not None, gemm))
+        setattr(parent, child_name, Fp8Linear(module.in_features, module.out_features, module.bias is not None, gemm))
         replaced.append(name)
     return replaced
 

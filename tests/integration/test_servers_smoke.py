@@ -60,7 +60,9 @@ def test_mlflow_run_with_metric_and_artifact_lands_in_s3(
     assert fetched.info.artifact_uri.startswith("mlflow-artifacts:/")  # proxied, not direct S3
     assert [a.path for a in client.list_artifacts(run_id, "reports")] == ["reports/report.txt"]
     downloaded = mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path="reports/report.txt", dst_path=str(tmp_path / "dl"),
+        run_id=run_id,
+        artifact_path="reports/report.txt",
+        dst_path=str(tmp_path / "dl"),
         tracking_uri=mlflow_server.tracking_uri,
     )
     assert Path(downloaded).read_text() == "fp8 speedup 1.44x\n"
@@ -88,7 +90,8 @@ def test_prefect_health(prefect_server: PrefectServer) -> None:
 def test_prefect_flow_run_from_a_subprocess_is_recorded(prefect_server: PrefectServer, tmp_path: Path) -> None:
     flow_name = f"smoke-{uuid.uuid4().hex[:8]}"
     script = tmp_path / "flow.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         from prefect import flow, task
 
         @task
@@ -101,7 +104,8 @@ def test_prefect_flow_run_from_a_subprocess_is_recorded(prefect_server: PrefectS
 
         if __name__ == "__main__":
             print("RESULT", smoke(x=21))
-    """))
+    """)
+    )
     env = {
         # A bare environment plus the server's: no PREFECT_* from the developer's shell leaks in.
         "PATH": "/usr/bin:/bin",
@@ -109,7 +113,12 @@ def test_prefect_flow_run_from_a_subprocess_is_recorded(prefect_server: PrefectS
         **prefect_server.env(),
     }
     result = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240, check=False,
+        [sys.executable, str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr

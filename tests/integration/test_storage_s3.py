@@ -51,8 +51,15 @@ class S3Calls:
     def __call__(self, params: dict[str, Any], model: Any, **_: Any) -> None:
         key = str(params.get("Key", ""))
         self.calls.append((model.name, key))
-        if self.fail_key_suffix and key.endswith(self.fail_key_suffix) and model.name in (
-            "PutObject", "CreateMultipartUpload", "UploadPart",
+        if (
+            self.fail_key_suffix
+            and key.endswith(self.fail_key_suffix)
+            and model.name
+            in (
+                "PutObject",
+                "CreateMultipartUpload",
+                "UploadPart",
+            )
         ):
             # What botocore raises when the endpoint drops: the store must treat it as a failed upload.
             raise EndpointConnectionError(endpoint_url=f"injected failure sending {key}")
@@ -145,18 +152,14 @@ def test_failure_midway_leaves_no_manifest(store: S3Store, s3_calls: S3Calls, tm
     assert len(writes) == 5
 
 
-def test_tampered_object_is_detected(
-    store: S3Store, s3_server: S3Server, s3_bucket: str, tmp_path: Path
-) -> None:
+def test_tampered_object_is_detected(store: S3Store, s3_server: S3Server, s3_bucket: str, tmp_path: Path) -> None:
     def overwrite(key: str, data: bytes) -> None:
         s3_server.client().put_object(Bucket=s3_bucket, Key=f"runs/r1/{key}", Body=data)
 
     contract_tamper_detected(store, tmp_path, overwrite)
 
 
-def test_deleted_object_is_reported(
-    store: S3Store, s3_server: S3Server, s3_bucket: str, tmp_path: Path
-) -> None:
+def test_deleted_object_is_reported(store: S3Store, s3_server: S3Server, s3_bucket: str, tmp_path: Path) -> None:
     make_tree(tmp_path / "src")
     store.upload_dir(tmp_path / "src", "run")
     s3_server.client().delete_object(Bucket=s3_bucket, Key="runs/r1/run/config.json")

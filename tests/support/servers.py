@@ -41,9 +41,7 @@ def find_executable(name: str) -> str:
         return str(beside)
     found = shutil.which(name)
     if found is None:
-        raise RuntimeError(
-            f"{name} not found next to {sys.executable} or on PATH: run infra/bootstrap.sh --test"
-        )
+        raise RuntimeError(f"{name} not found next to {sys.executable} or on PATH: run infra/bootstrap.sh --test")
     return found
 
 
@@ -128,9 +126,7 @@ class S3Server:
             aws_access_key_id=access_key or self.access_key,
             aws_secret_access_key=secret_key or self.secret_key,
             region_name=self.region,
-            config=Config(
-                connect_timeout=5, read_timeout=60, retries={"mode": "standard", "max_attempts": 2}
-            ),
+            config=Config(connect_timeout=5, read_timeout=60, retries={"mode": "standard", "max_attempts": 2}),
         )
 
     def rss_bytes(self) -> int:
@@ -145,7 +141,10 @@ def _s3_ready(endpoint_url: str, access_key: str, secret_key: str) -> bool:
     from botocore.config import Config
 
     client = boto3.session.Session().client(
-        "s3", endpoint_url=endpoint_url, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+        "s3",
+        endpoint_url=endpoint_url,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
         region_name="us-east-1",
         config=Config(connect_timeout=1, read_timeout=2, retries={"max_attempts": 1}),
     )
@@ -157,43 +156,62 @@ def _s3_ready(endpoint_url: str, access_key: str, secret_key: str) -> bool:
 
 
 @contextlib.contextmanager
-def seaweedfs(base: Path, *, access_key: str = "quant-release-test", secret_key: str | None = None,
-              region: str = "us-east-1") -> Iterator[S3Server]:
+def seaweedfs(
+    base: Path, *, access_key: str = "quant-release-test", secret_key: str | None = None, region: str = "us-east-1"
+) -> Iterator[S3Server]:
     """Run SeaweedFS `weed mini` (master, volume, filer, S3 gateway in one process) under `base`."""
     secret_key = secret_key or uuid.uuid4().hex
     data_dir = base / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     config = base / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "quant-release-test",
-        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-    }]}))
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "quant-release-test",
+                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                    }
+                ]
+            }
+        )
+    )
     s3_port, admin_port = free_port(), free_port_with_offset(GRPC_PORT_OFFSET)
     ports = {
-        "s3.port": s3_port, "s3.port.grpc": free_port(),
-        "master.port": free_port(), "master.port.grpc": free_port(),
-        "volume.port": free_port(), "volume.port.grpc": free_port(),
-        "filer.port": free_port(), "filer.port.grpc": free_port(),
+        "s3.port": s3_port,
+        "s3.port.grpc": free_port(),
+        "master.port": free_port(),
+        "master.port.grpc": free_port(),
+        "volume.port": free_port(),
+        "volume.port.grpc": free_port(),
+        "filer.port": free_port(),
+        "filer.port.grpc": free_port(),
         # The admin server listens even with -admin.ui=false (on 23646/33646 by default): move it too.
         # Its plugin worker dials admin.port + 10000 whatever -admin.port.grpc says, so keep that offset.
-        "admin.port": admin_port, "admin.port.grpc": admin_port + GRPC_PORT_OFFSET,
+        "admin.port": admin_port,
+        "admin.port.grpc": admin_port + GRPC_PORT_OFFSET,
     }
     argv = [
         find_executable("weed"),
         # Global flags, before the command: glog otherwise writes weed.<host>.log.* files into /tmp, and
         # config_dir keeps a developer's ~/.seaweedfs/*.toml out.
-        "-logtostderr", f"-config_dir={base}",
+        "-logtostderr",
+        f"-config_dir={base}",
         "mini",
         f"-dir={data_dir}",
         # Without both, weed binds 0.0.0.0 and advertises a non-loopback address.
-        "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
         "-master.telemetry=false",
-        "-webdav=false", "-admin.ui=false",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
         f"-s3.config={config}",
         # Default unix sockets go to /tmp/seaweedfs-*-<port>.sock and outlive the server.
-        f"-s3.localSocket={base / 's3.sock'}", f"-filer.localSocket={base / 'filer.sock'}",
+        f"-s3.localSocket={base / 's3.sock'}",
+        f"-filer.localSocket={base / 'filer.sock'}",
         *(f"-{name}={port}" for name, port in ports.items()),
     ]
     endpoint_url = f"http://127.0.0.1:{s3_port}"
@@ -207,8 +225,14 @@ def seaweedfs(base: Path, *, access_key: str = "quant-release-test", secret_key:
         cwd=base,
         timeout=60,
     ) as server:
-        yield S3Server(endpoint_url=endpoint_url, access_key=access_key, secret_key=secret_key,
-                       region=region, data_dir=data_dir, server=server)
+        yield S3Server(
+            endpoint_url=endpoint_url,
+            access_key=access_key,
+            secret_key=secret_key,
+            region=region,
+            data_dir=data_dir,
+            server=server,
+        )
 
 
 def create_bucket(s3: S3Server, stem: str = "test") -> str:
@@ -281,10 +305,18 @@ def mlflow_server(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory)
     bucket = create_bucket(s3_server, "mlflow")
     port = free_port()
     argv = [
-        find_executable("mlflow"), "server",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
-        "--artifacts-destination", f"s3://{bucket}/mlartifacts",
+        find_executable("mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{base / 'mlflow.db'}",
+        "--artifacts-destination",
+        f"s3://{bucket}/mlartifacts",
     ]
     env = {
         **s3_server.env(),
@@ -296,11 +328,21 @@ def mlflow_server(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory)
     }
     tracking_uri = f"http://127.0.0.1:{port}"
     with running_server(
-        "mlflow", argv, ready=lambda: http_ok(f"{tracking_uri}/health"), log_dir=base, env=env, cwd=base,
+        "mlflow",
+        argv,
+        ready=lambda: http_ok(f"{tracking_uri}/health"),
+        log_dir=base,
+        env=env,
+        cwd=base,
         timeout=90,
     ) as server:
-        yield MlflowServer(tracking_uri=tracking_uri, artifact_bucket=bucket, artifact_prefix="mlartifacts",
-                           s3=s3_server, server=server)
+        yield MlflowServer(
+            tracking_uri=tracking_uri,
+            artifact_bucket=bucket,
+            artifact_prefix="mlartifacts",
+            s3=s3_server,
+            server=server,
+        )
 
 
 # ----------------------------------------------------------------------------------------- Prefect
@@ -352,7 +394,12 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
     argv = [find_executable("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     api_url = f"http://127.0.0.1:{port}/api"
     with running_server(
-        "prefect", argv, ready=lambda: http_ok(f"{api_url}/health"), log_dir=base,
-        env=prefect_server_env(home, port), cwd=base, timeout=90,
+        "prefect",
+        argv,
+        ready=lambda: http_ok(f"{api_url}/health"),
+        log_dir=base,
+        env=prefect_server_env(home, port),
+        cwd=base,
+        timeout=90,
     ) as server:
         yield PrefectServer(api_url=api_url, home=home, client_home=client_home, server=server)

@@ -25,8 +25,9 @@ def train_tokenizer(out_dir: Path) -> Any:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     texts = [topics[k] for k in sorted(topics)[:20]]
     tokenizer.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
@@ -34,8 +35,9 @@ def train_tokenizer(out_dir: Path) -> Any:
     return fast
 
 
-def make_tiny_llama(out_dir: Path, *, layers: int = 2, hidden: int = 64, tied: bool = True,
-                    seed: int = 0, gain: float = 8.0) -> Path:
+def make_tiny_llama(
+    out_dir: Path, *, layers: int = 2, hidden: int = 64, tied: bool = True, seed: int = 0, gain: float = 8.0
+) -> Path:
     """Save a random BF16 LlamaForCausalLM (plus tokenizer) the way a Hub checkpoint looks.
 
     `gain` scales the matrices: 8 spreads the logits so argmax tests mean something, but makes the
@@ -45,9 +47,16 @@ def make_tiny_llama(out_dir: Path, *, layers: int = 2, hidden: int = 64, tied: b
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1,
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tied,
+        bos_token_id=0,
+        eos_token_id=1,
     )
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     with torch.no_grad():

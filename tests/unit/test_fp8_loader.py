@@ -124,8 +124,7 @@ def test_quant_config_is_read(quantized: dict[str, Any]) -> None:
 
 def test_missing_scale_is_refused(quantized: dict[str, Any], tmp_path: Path) -> None:
     ckpt = _copy(quantized["fp8_dir"], tmp_path)
-    rewrite_safetensors(ckpt, lambda t: {k: v for k, v in t.items()
-                                         if k != "model.layers.1.mlp.down_proj.input_scale"})
+    rewrite_safetensors(ckpt, lambda t: {k: v for k, v in t.items() if k != "model.layers.1.mlp.down_proj.input_scale"})
     with pytest.raises(CheckpointError, match="down_proj has an FP8 weight but no input_scale"):
         load_fp8_model(ckpt, CPU, "emulated")
 

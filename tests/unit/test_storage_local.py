@@ -41,7 +41,7 @@ def make_tree(root: Path) -> dict[str, bytes]:
         "config.json": b'{"architectures": ["LlamaForCausalLM"]}\n',
         "model.safetensors": os.urandom(300_000),
         "empty.txt": b"",
-        "tokenizer/tokenizer.json": "{\"vocab\": \"é ✓\"}".encode(),
+        "tokenizer/tokenizer.json": '{"vocab": "é ✓"}'.encode(),
         "tokenizer/sub dir/special chars+=.bin": bytes(range(256)) * 3,
     }
     for rel, data in files.items():
@@ -101,9 +101,7 @@ def contract_single_files(store: ArtifactStore, tmp_path: Path) -> None:
         store.download_dir("nothing-here", tmp_path / "never")
 
 
-def contract_tamper_detected(
-    store: ArtifactStore, tmp_path: Path, overwrite: Callable[[str, bytes], None]
-) -> None:
+def contract_tamper_detected(store: ArtifactStore, tmp_path: Path, overwrite: Callable[[str, bytes], None]) -> None:
     src = tmp_path / "src"
     files = make_tree(src)
     store.upload_dir(src, "run")
@@ -194,9 +192,7 @@ def test_manifest_is_written_last(store: LocalStore, tmp_path: Path, monkeypatch
     assert sorted(calls[:-1]) == sorted(f"run/{p}" for p in files)
 
 
-def test_failure_midway_leaves_no_manifest(
-    store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failure_midway_leaves_no_manifest(store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_copy = shutil.copyfile
 
     def fail_on_next_upload_of(name: str) -> None:
@@ -211,7 +207,7 @@ def test_failure_midway_leaves_no_manifest(
 
     contract_partial_upload_has_no_manifest(store, tmp_path, fail_on_next_upload_of)
     # The failed object kept its old complete content: no half-written file under the real name.
-    old = "{\"vocab\": \"é ✓\"}".encode()
+    old = '{"vocab": "é ✓"}'.encode()
     assert (store.root / "run" / "tokenizer" / "tokenizer.json").read_bytes() == old
     assert not [p for p in store.root.rglob("*") if p.name.endswith(".partial")]
 
@@ -397,9 +393,7 @@ def test_digest_dir(tmp_path: Path) -> None:
 def test_fingerprint() -> None:
     a = FileDigest(path="a.bin", size=1, sha256="1" * 64)
     b = FileDigest(path="b/c.bin", size=2, sha256="2" * 64)
-    expected = hashlib.sha256(
-        b"a.bin\0" + b"1" * 64 + b"\n" + b"b/c.bin\0" + b"2" * 64 + b"\n"
-    ).hexdigest()
+    expected = hashlib.sha256(b"a.bin\0" + b"1" * 64 + b"\n" + b"b/c.bin\0" + b"2" * 64 + b"\n").hexdigest()
     assert fingerprint([a, b]) == expected
     assert fingerprint([b, a]) == expected  # order does not matter
     assert fingerprint([("b/c.bin", "2" * 64), ("a.bin", "1" * 64)]) == expected  # tuples work the same

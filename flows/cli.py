@@ -184,7 +184,9 @@ def _prepare_environment(args: argparse.Namespace) -> None:
     # Prefect settings are read when prefect is first imported, which happens after this.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if not args.verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        # CRITICAL: Prefect logs a failed flow's traceback at ERROR; the CLI prints the one-line cause itself.
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 

@@ -277,7 +277,8 @@ def build_config(
 class Settings(BaseSettings):
     """Endpoints, secrets and local paths, from the environment only (prefix QUANT_RELEASE_)."""
 
-    model_config = SettingsConfigDict(env_prefix="QUANT_RELEASE_", extra="ignore")
+    # env_ignore_empty: CI systems pass unconfigured variables as "", which must mean "unset".
+    model_config = SettingsConfigDict(env_prefix="QUANT_RELEASE_", extra="ignore", env_ignore_empty=True)
 
     state_dir: Path = Field(Path(".quant-release"), description="stage results, caches and the local stores")
     artifact_uri: str | None = Field(

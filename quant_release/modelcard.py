@@ -50,7 +50,8 @@ def front_matter(inputs: CardInputs) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     if inputs.base_model:
         meta["base_model"] = inputs.base_model
-    meta["license"] = inputs.license or "other"
+    if inputs.license:  # "other" would claim a custom license; unknown stays absent
+        meta["license"] = inputs.license
     meta["library_name"] = "modelopt"
     meta["pipeline_tag"] = "text-generation"
     meta["tags"] = ["fp8", "modelopt", "quantized", "quant-release", inputs.source.architecture]

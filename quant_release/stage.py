@@ -80,10 +80,12 @@ class StageRunner:
         start = time.monotonic()
         cached = None if (selected and stage in self.rerun) else self.store.load(stage, key, record_type)
         if cached is None and not selected:
-            raise MissingUpstreamError(
+            error = MissingUpstreamError(
                 f"stage {stage} has no finished result for these settings; run `quant-release {stage}` "
                 "(or `quant-release run`) with the same options first"
             )
+            self.reports[stage] = StageReport(status="failed", cache_key=key, error=str(error))
+            raise error
         with self.tracker.stage(stage, tags={"cache_key": key}) as run_id:
             self.tracker.log_params(run_id, inputs)
             if cached is not None:

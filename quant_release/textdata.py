@@ -28,8 +28,13 @@ def python_docs(split: Split) -> list[str]:
     """CPython's reference topics for one split, in a stable (sorted) order."""
     from pydoc_data.topics import topics
 
-    names = sorted(n for n in topics if _heldout_topic(n) == (split == "heldout"))
-    return [topics[n] for n in names]
+    heldout = sorted(n for n in topics if _heldout_topic(n))
+    if split == "heldout":
+        return [topics[n] for n in heldout]
+    # CPython files some texts under two names ("if" and "else"); keep those out of calibration when
+    # one of the names is held out, so the probe never sees calibration text.
+    heldout_texts = {topics[n] for n in heldout}
+    return [topics[n] for n in sorted(topics) if not _heldout_topic(n) and topics[n] not in heldout_texts]
 
 
 def cnn_dailymail_articles(count: int, endpoint: str | None = None) -> list[str]:

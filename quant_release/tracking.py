@@ -24,21 +24,18 @@ _SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)
 _PARAM_MAX = 6000  # MLflow's limit on a param value
 
 
+# `scheme://user:password@host`: the userinfo part, wherever a URL appears in a text.
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+# `?token=...` / `&api_key=...`: the value of a credential-looking query parameter.
+_SECRET_QUERY = re.compile(
+    r"(?P<key>[?&][^=&#\s]*(?:token|secret|password|passwd|api[_-]?key|credential)[^=&#\s]*=)[^&#\s]+",
+    re.IGNORECASE,
+)
+
+
 def redact(value: str) -> str:
-    """Drop `user:password@` from URLs and blank query values that look like credentials."""
-    try:
-        parts = urllib.parse.urlsplit(value)
-    except ValueError:
-        return value
-    if not parts.scheme or not parts.netloc:
-        return value
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = urllib.parse.urlencode(
-        [(k, "***" if _SECRET_KEY.search(k) else v) for k, v in urllib.parse.parse_qsl(parts.query)]
-    )
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    """Mask credentials in URLs anywhere in `value` (error messages quote URLs too)."""
+    return _SECRET_QUERY.sub(r"\g<key>***", _URL_USERINFO.sub(r"\g<scheme>***@", value))
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -57,6 +54,8 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
     """Fail fast on a URI MLflow cannot use: unknown scheme, or a server that does not answer."""
     scheme = urllib.parse.urlsplit(uri).scheme.split("+")[0]
+    if not scheme:
+        return  # a plain directory: MLflow's file store
     if scheme not in _SUPPORTED_SCHEMES:
         raise ConfigError(f"MLFLOW_TRACKING_URI {redact(uri)!r}: unsupported scheme {scheme or '(none)'!r}")
     if scheme in ("http", "https"):
@@ -79,6 +78,10 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         existing = self.client.get_experiment_by_name(experiment)
+        if existing is not None and existing.lifecycle_stage == "deleted":
+            raise ConfigError(
+                f"MLflow experiment {experiment!r} is deleted; restore it in MLflow or choose another --experiment"
+            )
         if existing is not None:
             self.experiment_id = existing.experiment_id
         else:
@@ -87,7 +90,7 @@ class Tracker:
 
     # -- parent run ----------------------------------------------------------------------------
     def start(self, run_name: str | None, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=_redacted(tags))
         self.parent_run_id = run.info.run_id
         self.log_params(self.parent_run_id, params)
         return self.parent_run_id
@@ -105,12 +108,12 @@ class Tracker:
         all_tags = {"stage": name, **(tags or {})}
         if self.parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=_redacted(all_tags))
         run_id = run.info.run_id
         try:
             yield run_id
         except BaseException as exc:
-            self.client.set_tag(run_id, "error", redact(str(exc))[:5000])
+            self.set_tags(run_id, {"error": str(exc)})
             self.client.set_terminated(run_id, status="FAILED")
             raise
         self.client.set_terminated(run_id, status="FINISHED")
@@ -134,13 +137,17 @@ class Tracker:
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, redact(str(v))[:5000]) for k, v in tags.items()])
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _redacted(tags).items()])
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
+        self.client.log_text(run_id, redact(text), artifact_file)
+
+
+def _redacted(tags: Mapping[str, str]) -> dict[str, str]:
+    return {key: redact(str(value))[:5000] for key, value in tags.items()}
 
 
 def _metric_key(key: str) -> str:

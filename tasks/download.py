@@ -181,6 +181,7 @@ def _repo_from_url(url: str) -> str | None:
 
 
 def _check_hub(config: SourceConfig, settings: Settings) -> CheckedSource:
+    import httpx
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -206,7 +207,7 @@ def _check_hub(config: SourceConfig, settings: Settings) -> CheckedSource:
         ) from None
     except HfHubHTTPError as exc:
         raise ConfigError(f"Hub repo {repo_id}: {str(exc).splitlines()[0]}") from None
-    except OSError as exc:  # connection refused, DNS: the endpoint is not reachable
+    except (OSError, httpx.TransportError) as exc:  # refused, DNS, timeout: the endpoint is not reachable
         raise ConfigError(f"cannot reach {settings.hf_endpoint} for {repo_id}: {exc}") from None
     model_config = json.loads(Path(config_path).read_text())
     _check_architecture(model_config, f"{repo_id}@{config.revision}")

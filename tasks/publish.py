@@ -50,6 +50,7 @@ def check_publish(config: PublishConfig, settings: Settings) -> None:
         raise ConfigError("--push-to-hub needs --hub-repo-id ORG/NAME")
     if not settings.hf_token:
         raise ConfigError("--push-to-hub needs a Hub token in HF_TOKEN")
+    import httpx
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -58,7 +59,7 @@ def check_publish(config: PublishConfig, settings: Settings) -> None:
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         raise ConfigError(f"HF_TOKEN was rejected by {settings.hf_endpoint} (HTTP {status})") from None
-    except OSError as exc:
+    except (OSError, httpx.TransportError) as exc:  # huggingface_hub 1.x raises httpx errors
         raise ConfigError(f"cannot reach {settings.hf_endpoint} to check HF_TOKEN: {exc}") from None
     namespace = config.hub_repo_id.split("/")[0]
     allowed = {who.get("name")} | {org.get("name") for org in who.get("orgs", [])}
@@ -133,14 +134,17 @@ def run_publish(
         )
     )
     modelcard.parse_front_matter(card)  # our own YAML must parse before anyone else sees it
+    if config.push_to_hub:
+        # Before anything is stored: a card the Hub rejects must not leave a complete-looking release behind.
+        validate_card_on_hub(card, settings.hf_endpoint)
     folder = out_dir / "release"
     assemble_folder(inputs.checkpoint, card, folder)
     files = digest_dir(folder)
     progress.note("publish", f"release folder ready: {len(files)} files")
-    manifest_store = store.child(f"releases/{key}")
-    progress.note("publish", f"storing release folder at {manifest_store.uri}")
-    store.upload_dir(folder, f"releases/{key}")
-    release = Release(folder=folder, model_card=folder / "README.md", files=files, artifact_uri=manifest_store.uri)
+    release_store = store.child(f"releases/{key}")
+    progress.note("publish", f"storing release folder at {release_store.uri}")
+    release_store.upload_dir(folder)
+    release = Release(folder=folder, model_card=folder / "README.md", files=files, artifact_uri=release_store.uri)
     if not config.push_to_hub:
         return release
 
@@ -148,7 +152,6 @@ def run_publish(
 
     assert config.hub_repo_id is not None  # check_publish guarantees it
     api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token)
-    validate_card_on_hub(card, settings.hf_endpoint)
     progress.note("publish", f"pushing to {settings.hf_endpoint}/{config.hub_repo_id}")
     api.create_repo(config.hub_repo_id, private=config.private, exist_ok=True)
     commit = api.upload_folder(
@@ -156,6 +159,8 @@ def run_publish(
         folder_path=str(folder),
         commit_message=f"FP8 release from quant-release run {run_id}",
         commit_description=f"Source: {inputs.source.source} @ {inputs.source.revision}",
+        # The commit is the release: files of an earlier release (old shards) must not stay beside it.
+        delete_patterns=["*"],
     )
     return release.model_copy(
         update={

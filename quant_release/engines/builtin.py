@@ -137,7 +137,7 @@ class BuiltinEngine:
                 logits = self.model(self._tensor([suffix]), past_key_values=cache, use_cache=True).logits
                 logprobs = torch.log_softmax(logits[0, -1].float(), dim=-1)
                 scores.append([float(logprobs[c[0]]) for c in choice_ids])
-                cache.crop(prefix_len)
+                cache = _rewind(cache, prefix_len)
             else:
                 row = []
                 for cont in choice_ids:
@@ -145,7 +145,7 @@ class BuiltinEngine:
                     logits = self.model(self._tensor([tokens]), past_key_values=cache, use_cache=True).logits
                     logprobs = torch.log_softmax(logits[0, len(suffix) - 1 : -1].float(), dim=-1)
                     row.append(float(logprobs.gather(1, self._tensor([cont]).T).sum()))
-                    cache.crop(prefix_len)
+                    cache = _rewind(cache, prefix_len)
                 scores.append(row)
             if on_step:
                 on_step(done, len(context_ids))
@@ -168,9 +168,11 @@ class BuiltinEngine:
         decode step after the first token. Warm-up requests run first and are not timed.
         """
         prompts = [list(p) for p in workload.prompts]
-        if workload.warmup_requests:
-            warm = prompts[: workload.warmup_requests] or prompts[:1]
-            self._run_batch(warm, min(workload.output_len, 4))
+        if workload.warmup_requests and prompts:
+            # Warm up with the timed shape (batch size and full output length): a short warm-up left
+            # allocator growth and kernel selection for longer KV lengths inside the first timed batch.
+            warm = (prompts * workload.batch_size)[: min(workload.warmup_requests, workload.batch_size)]
+            self._run_batch(warm, workload.output_len)
         ttfts: list[float] = []
         tpots: list[float] = []
         output_tokens = 0
@@ -219,6 +221,16 @@ class BuiltinEngine:
 
     def _tensor(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+
+def _rewind(cache: Any, prefix_len: int) -> Any:
+    """Back to just the shared prefix. `crop(0)` would not do: transformers reads 0 as "remove nothing"."""
+    if prefix_len == 0:
+        from transformers import DynamicCache
+
+        return DynamicCache()
+    cache.crop(prefix_len)
+    return cache
 
 
 def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:

@@ -1,0 +1,167 @@
+"""Progress lines: time formatting, throttling off a terminal, redraw on one, ETA, silence when disabled."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from quant_release import progress as progress_module
+from quant_release.progress import Progress, format_seconds
+
+
+class FakeClock:
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class TtyStream(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(progress_module.time, "monotonic", fake)
+    return fake
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0:00:00"),
+        (0.4, "0:00:00"),
+        (0.6, "0:00:01"),
+        (59, "0:00:59"),
+        (60, "0:01:00"),
+        (61.2, "0:01:01"),
+        (3599, "0:59:59"),
+        (3600, "1:00:00"),
+        (3 * 3600 + 25 * 60 + 7, "3:25:07"),
+        (100 * 3600, "100:00:00"),
+        (-5, "0:00:00"),
+    ],
+)
+def test_format_seconds(seconds: float, text: str) -> None:
+    assert format_seconds(seconds) == text
+
+
+def test_non_tty_prints_first_and_last_step_and_throttles_between(clock: FakeClock) -> None:
+    stream = io.StringIO()
+    progress = Progress(stream=stream, interval=5.0)
+    assert progress.tty is False
+    total = 100
+    for done in range(1, total + 1):
+        progress.step("evaluate", "bf16", done, total)
+        clock.advance(0.1)  # 10 s over the 100 steps: two intervals' worth
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("[evaluate] bf16 1/100")
+    assert lines[-1].startswith("[evaluate] bf16 100/100")
+    # First, one line per 5 s (at ~5 s and ~10 s), and the last: never one per step.
+    assert 3 <= len(lines) <= 4, lines
+    assert "\r" not in stream.getvalue()
+    assert all(line.startswith("[evaluate] bf16 ") for line in lines)
+
+
+def test_non_tty_prints_again_after_interval(clock: FakeClock) -> None:
+    stream = io.StringIO()
+    progress = Progress(stream=stream, interval=5.0)
+    progress.step("quantize", "calibration", 1, 10)
+    clock.advance(4.9)
+    progress.step("quantize", "calibration", 2, 10)
+    assert len(stream.getvalue().splitlines()) == 1
+    clock.advance(0.2)
+    progress.step("quantize", "calibration", 3, 10)
+    assert stream.getvalue().splitlines()[-1].startswith("[quantize] calibration 3/10")
+    assert len(stream.getvalue().splitlines()) == 2
+
+
+def test_a_new_step_prints_its_first_line_at_once(clock: FakeClock) -> None:
+    stream = io.StringIO()
+    progress = Progress(stream=stream, interval=5.0)
+    progress.step("evaluate", "bf16", 1, 10)
+    clock.advance(0.1)
+    progress.step("evaluate", "fp8", 1, 10)
+    assert [line.split()[1] for line in stream.getvalue().splitlines()] == ["bf16", "fp8"]
+
+
+def test_eta_from_the_pace_so_far(clock: FakeClock) -> None:
+    stream = io.StringIO()
+    progress = Progress(stream=stream, interval=5.0)
+    progress.step("benchmark", "fp8", 0, 40)
+    clock.advance(30.0)
+    progress.step("benchmark", "fp8", 10, 40)  # 3 s per unit, 30 units left: 90 s
+    last = stream.getvalue().splitlines()[-1]
+    assert last == "[benchmark] fp8 10/40  25.0%  ETA 0:01:30"
+
+
+def test_no_eta_on_first_and_last_line(clock: FakeClock) -> None:
+    stream = io.StringIO()
+    progress = Progress(stream=stream, interval=5.0)
+    progress.step("build", "probe", 0, 4)
+    clock.advance(10)
+    progress.step("build", "probe", 4, 4)
+    lines = stream.getvalue().splitlines()
+    assert lines == ["[build] probe 0/4   0.0%", "[build] probe 4/4 100.0%"]
+
+
+def test_tty_redraws_in_place(clock: FakeClock) -> None:
+    stream = TtyStream()
+    progress = Progress(stream=stream, interval=5.0)
+    assert progress.tty is True
+    for done in range(1, 6):
+        progress.step("evaluate", "bf16", done, 5)
+        clock.advance(0.01)  # well inside the interval: a terminal still redraws every step
+    text = stream.getvalue()
+    assert text.count("\r\033[K") == 5
+    assert text.count("\n") == 1  # only the finished step ends its line
+    assert text.endswith("[evaluate] bf16 5/5 100.0%\n")
+
+
+def test_tty_closes_an_open_line_before_a_note(clock: FakeClock) -> None:
+    stream = TtyStream()
+    progress = Progress(stream=stream)
+    progress.step("evaluate", "bf16", 1, 5)
+    progress.note("evaluate", "switching to fp8")
+    text = stream.getvalue()
+    assert text == "\r\033[K[evaluate] bf16 1/5  20.0%\n\r\033[K[evaluate] switching to fp8\n"
+
+
+def test_stage_lines(clock: FakeClock) -> None:
+    stream = io.StringIO()
+    progress = Progress(stream=stream)
+    progress.stage_started("quantize", "64 samples")
+    progress.stage_finished("quantize", "completed", 75.0)
+    progress.stage_finished("build", "failed", 1.0, "ValueError: bad")
+    assert stream.getvalue().splitlines() == [
+        "[quantize] started: 64 samples",
+        "[quantize] completed in 0:01:15",
+        "[build] failed in 0:00:01  ValueError: bad",
+    ]
+
+
+def test_bound_step_reports_to_its_stage(clock: FakeClock) -> None:
+    stream = io.StringIO()
+    callback = Progress(stream=stream).bound_step("evaluate", "fp8")
+    callback(3, 3)
+    assert stream.getvalue() == "[evaluate] fp8 3/3 100.0%\n"
+
+
+@pytest.mark.parametrize("stream_type", [io.StringIO, TtyStream])
+def test_disabled_prints_nothing(clock: FakeClock, stream_type: type[io.StringIO]) -> None:
+    stream = stream_type()
+    progress = Progress(stream=stream, enabled=False)
+    progress.stage_started("download")
+    progress.note("download", "hello")
+    for done in range(11):
+        progress.step("download", "files", done, 10)
+        clock.advance(10)
+    progress.stage_finished("download", "completed", 3.0)
+    assert stream.getvalue() == ""

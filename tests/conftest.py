@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.support.servers", "tests.support.hub_fixtures"]
+pytest_plugins = ["tests.support.servers", "tests.support.hub_fixtures", "tests.support.stage_fixtures"]

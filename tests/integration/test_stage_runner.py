@@ -1,0 +1,254 @@
+"""StageRunner with a real StageStore on disk and a Tracker on the real MLflow server.
+
+A toy record and `produce` functions stand in for a stage, so what is tested is the runner itself:
+completed → cached → rerun, atomic results, failures, and refusing to run without upstream results.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from quant_release.errors import MissingUpstreamError
+from quant_release.progress import Progress
+from quant_release.records import Record
+from quant_release.stage import StageRunner
+from quant_release.state import StageStore, cache_key
+from quant_release.tracking import Tracker
+from tests.support.servers import MlflowServer
+from tests.support.stage_fixtures import new_experiment_name, s3_keys
+
+pytestmark = pytest.mark.integration
+
+STAGE = "quantize"
+INPUTS = {"download": "abc123", "calib_samples": 4, "calib_seq_len": 32, "nested": {"seed": 0}}
+
+
+class ToyRecord(Record):
+    output: Path
+    value: int
+
+    def metrics(self) -> dict[str, float]:
+        return {"toy/value": float(self.value)}
+
+
+class Produce:
+    """A stage body that writes `value` into its work dir and counts its calls."""
+
+    def __init__(self, value: int, fail: BaseException | None = None, check: Callable[[Path], None] | None = None):
+        self.value = value
+        self.fail = fail
+        self.check = check
+        self.calls = 0
+        self.work_dirs: list[Path] = []
+
+    def __call__(self, work: Path) -> ToyRecord:
+        self.calls += 1
+        self.work_dirs.append(work)
+        (work / "weights.bin").write_bytes(bytes([self.value]) * 64)
+        if self.check is not None:
+            self.check(work)
+        if self.fail is not None:
+            raise self.fail
+        return ToyRecord(output=work / "weights.bin", value=self.value)
+
+
+def _runner(store: StageStore, tracker: Tracker, *, selected: set[str], rerun: set[str] | None = None) -> StageRunner:
+    return StageRunner(
+        store=store, tracker=tracker, progress=Progress(enabled=False), selected=selected, rerun=rerun or set()
+    )
+
+
+@pytest.fixture
+def tracker(mlflow_server: MlflowServer, mlflow_client: Any) -> Tracker:
+    tracker = Tracker(mlflow_server.tracking_uri, new_experiment_name("runner"))
+    tracker.start("runner-test", {}, {})
+    return tracker
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> StageStore:
+    return StageStore(tmp_path / "state")
+
+
+def _stage_runs(client: Any, tracker: Tracker) -> list[Any]:
+    return client.search_runs(
+        [tracker.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{tracker.parent_run_id}'",
+        order_by=["start_time ASC"],
+    )
+
+
+def _leftovers(store: StageStore) -> list[str]:
+    parent = store.root / "stages" / STAGE
+    if not parent.exists():
+        return []
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_completed_then_cached_then_rerun(
+    store: StageStore, tracker: Tracker, mlflow_client: Any, mlflow_server: MlflowServer
+) -> None:
+    key = cache_key(STAGE, INPUTS)
+    result_dir = store.result_dir(STAGE, key)
+
+    # 1. First run: produced, committed, tracked.
+    first = Produce(7)
+    runner = _runner(store, tracker, selected={STAGE})
+    record = runner.run(STAGE, INPUTS, ToyRecord, first)
+    assert first.calls == 1
+    assert record.value == 7
+    assert record.output == result_dir / "weights.bin"  # relocated out of the work dir
+    assert record.output.read_bytes() == bytes([7]) * 64
+    assert not first.work_dirs[0].exists()
+    assert ToyRecord.model_validate_json((result_dir / "record.json").read_text()) == record
+    assert _leftovers(store) == []
+    report = runner.reports[STAGE]
+    assert report.status == "completed"
+    assert report.cache_key == key == runner.keys[STAGE]
+    assert report.seconds > 0
+
+    run = mlflow_client.get_run(report.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == STAGE
+    assert run.data.tags["mlflow.parentRunId"] == tracker.parent_run_id
+    assert run.data.tags["status"] == "completed"
+    assert run.data.tags["cache_key"] == key
+    assert run.data.params["nested.seed"] == "0"
+    assert run.data.params["calib_samples"] == "4"
+    assert run.data.metrics["toy/value"] == 7.0
+    assert f"stage/{STAGE}/seconds" in run.data.metrics
+    prefix = f"{mlflow_server.artifact_prefix}/{tracker.experiment_id}/{report.mlflow_run_id}/artifacts/"
+    assert s3_keys(mlflow_server, prefix) == [prefix + "record.json"]
+
+    # 2. Same inputs, a new runner (a new process would look the same): cached, produce never called.
+    never = Produce(99, fail=AssertionError("produce must not run for a cached stage"))
+    runner = _runner(store, tracker, selected={STAGE})
+    cached = runner.run(STAGE, INPUTS, ToyRecord, never)
+    assert never.calls == 0
+    assert cached == record
+    assert runner.reports[STAGE].status == "cached"
+    cached_run = mlflow_client.get_run(runner.reports[STAGE].mlflow_run_id)
+    assert cached_run.data.tags["status"] == "cached"
+    assert cached_run.data.metrics["toy/value"] == 7.0
+
+    # Other inputs give another key: produced again, the first result untouched.
+    other = Produce(8)
+    other_inputs = {**INPUTS, "calib_samples": 8}
+    _runner(store, tracker, selected={STAGE}).run(STAGE, other_inputs, ToyRecord, other)
+    assert other.calls == 1
+    assert store.result_dir(STAGE, cache_key(STAGE, other_inputs)) != result_dir
+    assert (result_dir / "weights.bin").read_bytes() == bytes([7]) * 64
+
+    # 3. --rerun: produced again; while it runs the old result is still in place, after it the new one is.
+    def old_result_still_there(work: Path) -> None:
+        assert json.loads((result_dir / "record.json").read_text())["value"] == 7
+        assert (result_dir / "weights.bin").read_bytes() == bytes([7]) * 64
+        assert work != result_dir
+
+    again = Produce(9, check=old_result_still_there)
+    runner = _runner(store, tracker, selected={STAGE}, rerun={STAGE})
+    rerun_record = runner.run(STAGE, INPUTS, ToyRecord, again)
+    assert again.calls == 1
+    assert runner.reports[STAGE].status == "completed"
+    assert rerun_record.value == 9
+    assert rerun_record.output == result_dir / "weights.bin"
+    assert (result_dir / "weights.bin").read_bytes() == bytes([9]) * 64
+    assert json.loads((result_dir / "record.json").read_text())["value"] == 9
+    assert _leftovers(store) == []  # no .partial-* work dir, no .old-* trash
+
+    runs = _stage_runs(mlflow_client, tracker)
+    assert [r.data.tags["status"] for r in runs] == ["completed", "cached", "completed", "completed"]
+
+
+def test_failed_rerun_keeps_the_previous_result(store: StageStore, tracker: Tracker) -> None:
+    key = cache_key(STAGE, INPUTS)
+    _runner(store, tracker, selected={STAGE}).run(STAGE, INPUTS, ToyRecord, Produce(7))
+    runner = _runner(store, tracker, selected={STAGE}, rerun={STAGE})
+    with pytest.raises(RuntimeError, match="out of memory"):
+        runner.run(STAGE, INPUTS, ToyRecord, Produce(9, fail=RuntimeError("CUDA out of memory")))
+    assert runner.reports[STAGE].status == "failed"
+    assert _leftovers(store) == []
+    kept = store.load(STAGE, key, ToyRecord)
+    assert kept is not None and kept.value == 7
+    assert kept.output.read_bytes() == bytes([7]) * 64
+
+
+def test_failing_produce_leaves_nothing_and_is_reported(
+    store: StageStore, tracker: Tracker, mlflow_client: Any, tmp_path: Path
+) -> None:
+    error = RuntimeError("calibration diverged: amax is NaN\nsecond line of detail")
+    produce = Produce(5, fail=error)
+    runner = _runner(store, tracker, selected={STAGE})
+    with pytest.raises(RuntimeError) as caught:
+        runner.run(STAGE, INPUTS, ToyRecord, produce)
+    assert caught.value is error  # the stage's own exception propagates, unwrapped
+    assert produce.calls == 1
+    assert not produce.work_dirs[0].exists()
+    key = cache_key(STAGE, INPUTS)
+    assert not store.result_dir(STAGE, key).exists()
+    assert store.load(STAGE, key, ToyRecord) is None
+    assert _leftovers(store) == []
+
+    report = runner.reports[STAGE]
+    assert report.status == "failed"
+    assert report.error == "RuntimeError: calibration diverged: amax is NaN"  # one line
+    assert report.cache_key == key
+    run = mlflow_client.get_run(report.mlflow_run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith("calibration diverged: amax is NaN")
+    assert "status" not in run.data.tags
+    traceback_file = Path(mlflow_client.download_artifacts(report.mlflow_run_id, "error.txt", str(tmp_path)))
+    text = traceback_file.read_text()
+    assert text.startswith("Traceback (most recent call last):")
+    assert "RuntimeError: calibration diverged: amax is NaN" in text
+    assert [a.path for a in mlflow_client.list_artifacts(report.mlflow_run_id)] == ["error.txt"]
+
+    # The next run does not mistake the failure for a result: it produces.
+    retry = Produce(5)
+    runner = _runner(store, tracker, selected={STAGE})
+    assert runner.run(STAGE, INPUTS, ToyRecord, retry).value == 5
+    assert retry.calls == 1
+    assert runner.reports[STAGE].status == "completed"
+
+
+def test_unselected_stage_without_result_stops_before_tracking(
+    store: StageStore, tracker: Tracker, mlflow_client: Any
+) -> None:
+    runs_before = len(mlflow_client.search_runs([tracker.experiment_id]))
+    produce = Produce(1)
+    runner = _runner(store, tracker, selected={"evaluate"})
+    with pytest.raises(MissingUpstreamError) as caught:
+        runner.run(STAGE, INPUTS, ToyRecord, produce)
+    assert "quant-release quantize" in str(caught.value)
+    assert caught.value.exit_code == 3
+    assert produce.calls == 0
+    report = runner.reports[STAGE]  # reported for the summary, with no MLflow run behind it
+    assert report.status == "failed"
+    assert report.mlflow_run_id is None
+    assert report.error == str(caught.value)
+    assert len(mlflow_client.search_runs([tracker.experiment_id])) == runs_before
+    assert not (store.root / "stages" / STAGE).exists()
+
+    # Once a selected run produced it, the unselected stage is read back as cached.
+    _runner(store, tracker, selected={STAGE}).run(STAGE, INPUTS, ToyRecord, Produce(3))
+    runner = _runner(store, tracker, selected={"evaluate"})
+    assert runner.run(STAGE, INPUTS, ToyRecord, produce).value == 3
+    assert produce.calls == 0
+    assert runner.reports[STAGE].status == "cached"
+
+
+def test_unreadable_record_is_not_trusted(store: StageStore, tracker: Tracker) -> None:
+    key = cache_key(STAGE, INPUTS)
+    _runner(store, tracker, selected={STAGE}).run(STAGE, INPUTS, ToyRecord, Produce(7))
+    (store.result_dir(STAGE, key) / "record.json").write_text('{"output": "x", "value": "not a number"}')
+    produce = Produce(11)
+    runner = _runner(store, tracker, selected={STAGE})
+    assert runner.run(STAGE, INPUTS, ToyRecord, produce).value == 11
+    assert produce.calls == 1
+    assert runner.reports[STAGE].status == "completed"
+    assert _leftovers(store) == []

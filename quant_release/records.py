@@ -22,11 +22,25 @@ class Record(BaseModel):
         """Numbers to log to the stage's MLflow run (stable keys, see DESIGN.md)."""
         return {}
 
+    def missing_outputs(self) -> list[str]:
+        """Output files the record promises that are gone or changed size (a stale cache entry)."""
+        return []
+
 
 class FileDigest(BaseModel):
     path: str
     size: int
     sha256: str
+
+
+def missing_files(base: Path, files: list[FileDigest]) -> list[str]:
+    """Sizes only: re-hashing a multi-GB checkpoint on every cache hit would cost minutes."""
+    out = []
+    for digest in files:
+        path = base / digest.path
+        if not path.is_file() or path.stat().st_size != digest.size:
+            out.append(str(path))
+    return out
 
 
 class ModelSource(Record):
@@ -43,6 +57,9 @@ class ModelSource(Record):
     base_model: str | None = Field(None, description="Hub repo id of the original weights, if known")
     files: list[FileDigest]
     fingerprint: str = Field(description="sha256 over the checkpoint files' names and hashes")
+
+    def missing_outputs(self) -> list[str]:
+        return missing_files(self.model_dir, self.files)
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -71,6 +88,9 @@ class QuantizedCheckpoint(Record):
     modelopt_version: str
     files: list[FileDigest]
     fingerprint: str
+
+    def missing_outputs(self) -> list[str]:
+        return missing_files(self.checkpoint_dir, self.files)
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -135,6 +155,9 @@ class MmluResult(Record):
     seconds_bf16: float
     seconds_fp8: float
 
+    def missing_outputs(self) -> list[str]:
+        return [] if self.predictions_file.is_file() else [str(self.predictions_file)]
+
     def metrics(self) -> dict[str, float]:
         out = {
             "mmlu/bf16": self.bf16.accuracy,
@@ -195,6 +218,9 @@ class Release(Record):
     hub_repo_id: str | None = None
     hub_revision: str | None = None
     hub_url: str | None = None
+
+    def missing_outputs(self) -> list[str]:
+        return missing_files(self.folder, self.files)
 
 
 class StageReport(BaseModel):

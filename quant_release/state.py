@@ -55,10 +55,12 @@ class StageStore:
         if not record_file.is_file():
             return None
         try:
-            return record_type.model_validate_json(record_file.read_text())
+            record = record_type.model_validate_json(record_file.read_text())
         except ValueError:
             # An unreadable record (older format, manual edits) is treated as absent, not trusted.
             return None
+        # Outputs deleted or truncated since: the stage runs again instead of handing on a broken path.
+        return None if record.missing_outputs() else record
 
     @contextlib.contextmanager
     def writing(self, stage: str, key: str) -> Iterator[Path]:

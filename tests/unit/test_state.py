@@ -20,6 +20,10 @@ INPUTS: dict[str, Any] = {
 
 
 def _record(model_dir: Path, files: list[str] | None = None) -> ModelSource:
+    """A record whose promised files exist (one byte each) when `model_dir` does."""
+    if model_dir.is_dir():
+        for name in files or ["model.safetensors"]:
+            (model_dir / name).write_bytes(b"x")
     return ModelSource(
         kind="local",
         source=str(model_dir),
@@ -161,6 +165,23 @@ def test_undecodable_record_is_treated_as_absent(tmp_path: Path) -> None:
     directory = store.result_dir("download", "k")
     directory.mkdir(parents=True)
     (directory / "record.json").write_bytes(b"\xff\xfe\x00garbage")
+    assert store.load("download", "k", ModelSource) is None
+
+
+def test_result_whose_output_was_deleted_is_absent(tmp_path: Path) -> None:
+    store = StageStore(tmp_path / "state")
+    with store.writing("download", "k") as work:
+        store.commit("download", "k", work, _record(work))
+    assert store.load("download", "k", ModelSource) is not None
+    (store.result_dir("download", "k") / "model.safetensors").unlink()
+    assert store.load("download", "k", ModelSource) is None
+
+
+def test_result_whose_output_changed_size_is_absent(tmp_path: Path) -> None:
+    store = StageStore(tmp_path / "state")
+    with store.writing("download", "k") as work:
+        store.commit("download", "k", work, _record(work))
+    (store.result_dir("download", "k") / "model.safetensors").write_bytes(b"truncated?")
     assert store.load("download", "k", ModelSource) is None
 
 

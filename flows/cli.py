@@ -227,6 +227,9 @@ def _run(config: ReleaseConfig, args: argparse.Namespace) -> int:
         warnings.filterwarnings("ignore")  # third-party deprecation chatter; progress lines say what matters
         for name in ("transformers", "mlflow", "modelopt", "DeepSpeed", "alembic"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # TQDM_DISABLE misses it
     from flows.release import new_run_id, preflight, release, run_dir
 
     settings = Settings()

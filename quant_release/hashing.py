@@ -71,3 +71,15 @@ def fingerprint(items: Iterable[FileDigest | tuple[str, str]]) -> str:
         # NUL and newline cannot appear in a hex digest, and NUL not in a path: no two sets collide.
         digest.update(path.encode("utf-8") + b"\0" + file_sha.encode("ascii") + b"\n")
     return digest.hexdigest()
+
+
+def tensor_shapes(checkpoint_dir: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a directory's .safetensors files, from the headers alone (no weights read)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in sorted(Path(checkpoint_dir).glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes

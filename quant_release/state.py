@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from quant_release.records import Record
 
 # Bump when a stage's outputs change meaning, so old results stop matching.
-STORE_VERSION = 2
+STORE_VERSION = 3
 R = TypeVar("R", bound=Record)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from quant_release.config import HUB_REPO_ID, Settings, SourceConfig
 from quant_release.errors import ConfigError, UnsupportedModelError
-from quant_release.hashing import digest_dir, fingerprint
+from quant_release.hashing import digest_dir, fingerprint, tensor_shapes
 from quant_release.progress import Progress
 from quant_release.records import ModelSource
 from quant_release.stage import StageRunner
@@ -148,7 +149,8 @@ def check_source(config: SourceConfig, settings: Settings) -> CheckedSource:
             identity=sha256_file(path),
             license=meta.get("general.license"),
             base_model=_repo_from_url(base) if isinstance(base, str) else None,
-            name=str(meta.get("general.name") or path.stem),
+            # "SmolLM2-135M-Instruct.Q4_1.gguf" → "SmolLM2-135M-Instruct"; general.name is often a training tag.
+            name=path.name.split(".")[0] or str(meta.get("general.name")),
         )
     if kind == "local":
         path = Path(config.model).expanduser().resolve()
@@ -285,27 +287,12 @@ def run_download(checked: CheckedSource, out_dir: Path, settings: Settings, prog
         model_dir=model_dir,
         name=checked.name,
         architecture=(model_config.get("architectures") or ["unknown"])[0],
-        num_parameters=_count_parameters(model_dir),
+        num_parameters=sum(math.prod(shape) for shape in tensor_shapes(model_dir).values()),
         license=checked.license,
         base_model=checked.base_model,
         files=files,
         fingerprint=fingerprint(files),
     )
-
-
-def _count_parameters(model_dir: Path) -> int:
-    """Parameters from the safetensors headers alone (no weights read)."""
-    from safetensors import safe_open
-
-    total = 0
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                count = 1
-                for dim in handle.get_slice(key).get_shape():
-                    count *= dim
-                total += count
-    return total
 
 
 @task(name="download", cache_policy=NO_CACHE, persist_result=False)

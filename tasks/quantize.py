@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from quant_release import textdata
 from quant_release.config import QuantizationConfig
-from quant_release.hashing import digest_dir, fingerprint
+from quant_release.hashing import digest_dir, fingerprint, tensor_shapes
 from quant_release.progress import Progress
 from quant_release.records import CalibrationInfo, ModelSource, QuantizedCheckpoint
 from quant_release.stage import StageRunner
@@ -117,22 +117,12 @@ def run_quantize(
         quant_algo=quant["quant_algo"],
         kv_cache_quant_algo=quant.get("kv_cache_quant_algo"),
         exclude_modules=list(quant.get("exclude_modules") or []),
-        quantized_layers=_count_fp8_weights(checkpoint_dir),
+        quantized_layers=sum(1 for name in tensor_shapes(checkpoint_dir) if name.endswith(".weight_scale")),
         calibration=calibration,
         modelopt_version=importlib.metadata.version("nvidia-modelopt"),
         files=files,
         fingerprint=fingerprint(files),
     )
-
-
-def _count_fp8_weights(checkpoint_dir: Path) -> int:
-    from safetensors import safe_open
-
-    count = 0
-    for shard in sorted(checkpoint_dir.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as handle:
-            count += sum(1 for key in handle.keys() if key.endswith(".weight_scale"))  # noqa: SIM118
-    return count
 
 
 @task(name="quantize", cache_policy=NO_CACHE, persist_result=False)

@@ -403,3 +403,15 @@ def test_fingerprint() -> None:
     assert fingerprint([a]) != expected
     assert Manifest(files=[a, b]).fingerprint() == expected
     assert Manifest(files=[a, b]).total_bytes == 3
+
+
+def test_tensor_shapes_reads_every_shard_header(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from quant_release.hashing import tensor_shapes
+
+    save_file({"a.weight": torch.zeros(3, 4), "a.scale": torch.zeros(())}, str(tmp_path / "model-1.safetensors"))
+    save_file({"b.weight": torch.zeros(5, dtype=torch.bfloat16)}, str(tmp_path / "model-2.safetensors"))
+    (tmp_path / "notes.txt").write_text("not a shard")
+    assert tensor_shapes(tmp_path) == {"a.weight": (3, 4), "a.scale": (), "b.weight": (5,)}

@@ -7,7 +7,6 @@ stores reachable, MMLU subjects known), so bad input costs seconds, not GPU hour
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -186,7 +185,13 @@ def run_release(config: ReleaseConfig, settings: Settings, run_id: str, progress
             error=error,
             seconds=time.monotonic() - started,
         )
-        _finish(summary, summary_path, tracker, pre.store, runner, error)
+        try:
+            _finish(summary, summary_path, tracker, pre.store, runner, error)
+        except Exception as finish_error:
+            if error is None:
+                raise
+            # A stage already failed: that is the error to report, not the follow-up failure to record it.
+            progress.note("summary", f"could not record the summary everywhere: {finish_error}")
     return summary
 
 
@@ -286,15 +291,12 @@ def _finish(
 
 def _prefect_artifact(summary: RunSummary) -> None:
     """The summary table on the flow run's page in the Prefect UI."""
-    try:
-        create_markdown_artifact(
-            markdown=f"```\n{summary_table(summary)}\n```",
-            key="release-summary",
-            description=f"quant-release run {summary.run_id}",
-        )
-    except Exception as exc:
-        del exc
+    from prefect.context import FlowRunContext
 
-
-def summary_json(summary: RunSummary) -> str:
-    return json.dumps(summary.model_dump(mode="json"), indent=2)
+    if FlowRunContext.get() is None:
+        return  # run_release called as a plain function: there is no flow run page
+    create_markdown_artifact(
+        markdown=f"```\n{summary_table(summary)}\n```",
+        key="release-summary",
+        description=f"quant-release run {summary.run_id}",
+    )

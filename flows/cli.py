@@ -22,7 +22,7 @@ from pydantic.fields import FieldInfo
 
 from quant_release import __version__
 from quant_release.config import STAGES, ReleaseConfig, build_config, load_config_file
-from quant_release.errors import ConfigError, QuantReleaseError
+from quant_release.errors import ConfigError, QuantReleaseError, error_message
 
 PROG = "quant-release"
 STAGE_HELP = {
@@ -245,10 +245,9 @@ def _run(config: ReleaseConfig, args: argparse.Namespace) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             release.with_options(flow_run_name=run_id)(config=config)
     except QuantReleaseError as exc:
-        code = _fail(str(exc), exc.exit_code)
+        code = _fail(error_message(exc), exc.exit_code)
     except Exception as exc:  # a stage failed; the summary and MLflow hold the details
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        code = _fail(f"{type(exc).__name__}: {first}", EXIT_STAGE_FAILED)
+        code = _fail(error_message(exc), EXIT_STAGE_FAILED)
     summary_file = run_dir(settings, run_id) / "summary.json"
     if summary_file.is_file():
         from quant_release.state import write_text_atomic

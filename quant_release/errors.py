@@ -29,3 +29,13 @@ class EngineUnavailableError(QuantReleaseError):
     """The selected engine's package or hardware is not present on this machine."""
 
     exit_code = 4
+
+
+def error_message(exc: BaseException) -> str:
+    """What the user reads about `exc`: our own errors verbatim (they are written for the user, one line by
+    design), anything else as `Type: first line`."""
+    text = str(exc).strip()
+    if isinstance(exc, QuantReleaseError) and text:
+        return text
+    lines = text.splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

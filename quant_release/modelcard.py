@@ -17,7 +17,14 @@ import jinja2
 import yaml
 
 from quant_release.mmlu import CATEGORY_TITLES
-from quant_release.records import Engines, MmluResult, ModelSource, QuantizedCheckpoint, ThroughputResult
+from quant_release.records import (
+    Engines,
+    MmluResult,
+    ModelSource,
+    QuantizedCheckpoint,
+    ThroughputResult,
+    safetensors_bytes,
+)
 
 FRONT_MATTER_DELIMITER = "---"
 
@@ -34,10 +41,6 @@ class CardInputs:
     repo_id: str | None
     license: str | None
     base_model: str | None
-
-
-def _bytes(files: list[Any]) -> int:
-    return sum(f.size for f in files if f.path.endswith(".safetensors"))
 
 
 def _title(inputs: CardInputs) -> str:
@@ -120,8 +123,8 @@ def render(inputs: CardInputs) -> str:
             versions=inputs.versions,
             categories=list(_category_rows()),
             stderr=stderr,
-            bf16_bytes=_bytes(source.files),
-            fp8_bytes=_bytes(inputs.checkpoint.files),
+            bf16_bytes=safetensors_bytes(source.files),
+            fp8_bytes=safetensors_bytes(inputs.checkpoint.files),
             fp8_gemm=(inputs.engines.fp8.options.get("fp8_gemm", "n/a") if inputs.engines else "n/a"),
             repo_ref=inputs.repo_id or "./this-folder",
         )

@@ -33,6 +33,11 @@ class FileDigest(BaseModel):
     sha256: str
 
 
+def safetensors_bytes(files: list[FileDigest]) -> int:
+    """Size of a checkpoint's weights: its .safetensors files (config and tokenizer left out)."""
+    return sum(f.size for f in files if f.path.endswith(".safetensors"))
+
+
 def missing_files(base: Path, files: list[FileDigest]) -> list[str]:
     """Sizes only: re-hashing a multi-GB checkpoint on every cache hit would cost minutes."""
     out = []
@@ -64,7 +69,7 @@ class ModelSource(Record):
     def metrics(self) -> dict[str, float]:
         return {
             "model/parameters": float(self.num_parameters),
-            "model/bf16_bytes": float(sum(f.size for f in self.files if f.path.endswith(".safetensors"))),
+            "model/bf16_bytes": float(safetensors_bytes(self.files)),
         }
 
 
@@ -96,7 +101,7 @@ class QuantizedCheckpoint(Record):
         return {
             "quantize/quantized_layers": float(self.quantized_layers),
             "quantize/calib_tokens": float(self.calibration.tokens),
-            "model/fp8_bytes": float(sum(f.size for f in self.files if f.path.endswith(".safetensors"))),
+            "model/fp8_bytes": float(safetensors_bytes(self.files)),
         }
 
 

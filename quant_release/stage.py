@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from quant_release.engines import LoadedEngine, get_backend
-from quant_release.errors import MissingUpstreamError
+from quant_release.errors import MissingUpstreamError, error_message
 from quant_release.progress import Progress
 from quant_release.records import EngineHandle, Record, StageReport
 from quant_release.state import StageStore, cache_key
@@ -100,10 +100,10 @@ class StageRunner:
                 except BaseException as exc:
                     seconds = time.monotonic() - start
                     self.reports[stage] = StageReport(
-                        status="failed", seconds=seconds, cache_key=key, error=_one_line(exc), mlflow_run_id=run_id
+                        status="failed", seconds=seconds, cache_key=key, error=error_message(exc), mlflow_run_id=run_id
                     )
                     self.tracker.log_text(run_id, traceback.format_exc(), "error.txt")
-                    self.progress.stage_finished(stage, "failed", seconds, _one_line(exc))
+                    self.progress.stage_finished(stage, "failed", seconds, error_message(exc))
                     raise
                 status = "completed"
             seconds = time.monotonic() - start
@@ -118,8 +118,3 @@ class StageRunner:
     def skip(self, stage: str, reason: str) -> None:
         self.reports[stage] = StageReport(status="skipped", error=None)
         self.progress.note(stage, f"skipped ({reason})")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from quant_release.config import STAGES, ReleaseConfig
-from quant_release.errors import QuantReleaseError
+from quant_release.errors import error_message
 from quant_release.progress import format_seconds
 from quant_release.records import (
     Engines,
@@ -34,15 +34,6 @@ class RunSummary(BaseModel):
     device: str
     environment: dict[str, str]
     parent_metrics: dict[str, float] = Field(default_factory=dict, exclude=True)
-
-
-def _error_text(error: BaseException | None) -> str | None:
-    if error is None:
-        return None
-    if isinstance(error, QuantReleaseError):
-        return str(error)
-    first = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def build_summary(
@@ -83,7 +74,7 @@ def build_summary(
     return RunSummary(
         run_id=run_id,
         status="failed" if error else "completed",
-        error=_error_text(error),
+        error=error_message(error) if error else None,
         seconds=seconds,
         model={
             "source": config.source.model,

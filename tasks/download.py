@@ -10,6 +10,7 @@ Accepted sources, told apart by shape:
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import math
@@ -23,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 
 from quant_release.config import HUB_REPO_ID, Settings, SourceConfig
 from quant_release.errors import ConfigError, UnsupportedModelError
-from quant_release.hashing import digest_dir, fingerprint, tensor_shapes
+from quant_release.hashing import digest_dir, fingerprint, sha256_file, tensor_shapes
 from quant_release.progress import Progress
 from quant_release.records import ModelSource
 from quant_release.stage import StageRunner
@@ -117,6 +118,19 @@ def _check_architecture(config: dict[str, Any], where: str) -> None:
         raise UnsupportedModelError(f"{where} is already quantized; the source must be the original BF16/FP16 model")
 
 
+def _file_sha256(path: Path) -> str:
+    """sha256 of a source file, computed once per process: the CLI and then the flow both run preflight,
+    and a multi-GB GGUF takes tens of seconds to hash."""
+    stat = path.stat()
+    return _cached_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    del size, mtime_ns  # part of the cache key only: a changed file is hashed again
+    return sha256_file(path)
+
+
 def _stat_identity(directory: Path) -> str:
     """Cheap identity of a local dir for the cache key: names, sizes, mtimes (content is hashed on download)."""
     entries = []
@@ -137,8 +151,6 @@ def check_source(config: SourceConfig, settings: Settings) -> CheckedSource:
         arch = meta.get("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
             raise UnsupportedModelError(f"{path.name}: GGUF architecture {arch!r} is not supported; supported: llama")
-        from quant_release.hashing import sha256_file
-
         base = meta.get("general.base_model.0.repo_url")
         return CheckedSource(
             kind="gguf",
@@ -146,7 +158,7 @@ def check_source(config: SourceConfig, settings: Settings) -> CheckedSource:
             path=path,
             repo_id=None,
             commit=None,
-            identity=sha256_file(path),
+            identity=_file_sha256(path),
             license=meta.get("general.license"),
             base_model=_repo_from_url(base) if isinstance(base, str) else None,
             # "SmolLM2-135M-Instruct.Q4_1.gguf" → "SmolLM2-135M-Instruct"; general.name is often a training tag.

@@ -21,18 +21,11 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from quant_release import __version__
-from quant_release.config import STAGES, ReleaseConfig, build_config, load_config_file
+from quant_release.config import ReleaseConfig, build_config, load_config_file
 from quant_release.errors import ConfigError, QuantReleaseError, error_message
+from quant_release.stages import STAGE_TABLE, STAGES
 
 PROG = "quant-release"
-STAGE_HELP = {
-    "download": "get the source model as a local BF16 checkpoint (Hub repo, local dir, GGUF)",
-    "quantize": "FP8-quantize with modelopt and export a unified HF checkpoint",
-    "build": "prepare the engine for BF16 and FP8 and check that both run",
-    "evaluate": "MMLU k-shot, BF16 vs FP8",
-    "benchmark": "throughput, BF16 vs FP8",
-    "publish": "render the model card, store the release folder, optionally push to a Hub",
-}
 ENVIRONMENT_HELP = """environment:
   QUANT_RELEASE_STATE_DIR     stage results and local stores (default .quant-release)
   QUANT_RELEASE_ARTIFACT_URI  s3://BUCKET/PREFIX or a directory (default STATE_DIR/artifacts)
@@ -40,20 +33,22 @@ ENVIRONMENT_HELP = """environment:
   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL   S3 credentials and endpoint
   HF_TOKEN, HF_ENDPOINT       Hub token and endpoint (for Hub sources and --push-to-hub)
   HF_HUB_DISABLE_XET=1        upload through LFS, for Hub servers without Xet storage
-  PREFECT_API_URL             a Prefect server; unset: a temporary local one per run
+  PREFECT_API_URL             a Prefect server; unset: runs directly, without Prefect
 """
 EXIT_STAGE_FAILED = 1
 
 
-def leaf_fields() -> Iterator[tuple[tuple[str, ...], FieldInfo, str]]:
-    """(path in ReleaseConfig, field, flag) for every option that has a CLI flag."""
-    for name, field in ReleaseConfig.model_fields.items():
+def leaf_fields(
+    model: type[BaseModel] = ReleaseConfig, prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], FieldInfo, str]]:
+    """(path in ReleaseConfig, field, flag) for every option, in sections nested to any depth
+    (`engine.builtin.fp8_gemm` is `--fp8-gemm`)."""
+    for name, field in model.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            for sub_name, sub_field in annotation.model_fields.items():
-                yield (name, sub_name), sub_field, _flag(sub_field)
+            yield from leaf_fields(annotation, (*prefix, name))
         else:
-            yield (name,), field, _flag(field)
+            yield (*prefix, name), field, _flag(field)
 
 
 def _flag(field: FieldInfo) -> str:
@@ -78,6 +73,11 @@ def _add_option(group: argparse._ArgumentGroup, path: tuple[str, ...], field: Fi
     help_text = f"{field.description} (default: {default if default not in (None, []) else 'none'})"
     kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
     origin = typing.get_origin(annotation)
+    enum = field.json_schema_extra.get("enum") if isinstance(field.json_schema_extra, dict) else None
+    if isinstance(enum, list):  # choices from a registry (calibration sources, engines)
+        kwargs["choices"] = [str(choice) for choice in enum]
+        group.add_argument(flag, **kwargs)
+        return
     if annotation is bool:
         group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         return
@@ -112,7 +112,9 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
         help="stage results and local stores (env QUANT_RELEASE_STATE_DIR; default .quant-release)",
     )
     general.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
-    general.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own log lines")
+    general.add_argument(
+        "-v", "--verbose", action="store_true", help="show the libraries' own log lines and progress bars"
+    )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for path, field, flag in leaf_fields():
         section = path[0] if len(path) > 1 else "run"
@@ -135,17 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="run the whole pipeline (finished stages are reused)",
-        description="Run download → quantize → build → evaluate → benchmark → publish. A stage that finished "
-        "before with the same inputs is reused, not redone (see --rerun).",
+        description=f"Run {' → '.join(STAGES)}. A stage that finished before with the same inputs (and the "
+        "same code) is reused, not redone (see --rerun).",
         epilog=ENVIRONMENT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common_options(run)
-    for stage in STAGES:
+    for spec in STAGE_TABLE:
         sub = commands.add_parser(
-            stage,
-            help=STAGE_HELP[stage],
-            description=f"Run only the {stage} stage: {STAGE_HELP[stage]}. Earlier stages must have finished "
+            spec.name,
+            help=spec.help,
+            description=f"Run only the {spec.name} stage: {spec.help}. Earlier stages must have finished "
             "with the same options (they are read back, not rerun).",
             epilog=ENVIRONMENT_HELP,
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -188,6 +190,10 @@ def _prepare_environment(args: argparse.Namespace) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # No third-party progress bars (transformers, huggingface_hub, plain tqdm): the progress lines say
+        # what matters. Set here, before those libraries are imported (only when a stage really runs).
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def _fail(message: str, code: int) -> int:
@@ -216,6 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(config, args)
 
 
+def prefect_api_url() -> str | None:
+    """The Prefect server to report to, if one is configured (an empty value counts as unset)."""
+    return os.environ.get("PREFECT_API_URL") or None
+
+
 def _run(config: ReleaseConfig, args: argparse.Namespace) -> int:
     import logging
     import warnings
@@ -227,30 +238,29 @@ def _run(config: ReleaseConfig, args: argparse.Namespace) -> int:
         warnings.filterwarnings("ignore")  # third-party deprecation chatter; progress lines say what matters
         for name in ("transformers", "mlflow", "modelopt", "DeepSpeed", "alembic"):
             logging.getLogger(name).setLevel(logging.ERROR)
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # TQDM_DISABLE misses it
-    from flows.release import new_run_id, preflight, release, run_dir
+    from flows.pipeline import new_run_id, run_dir, run_release
 
     settings = Settings()
-    try:
-        # The flow checks again; this first pass turns bad input into one line before Prefect starts.
-        preflight(config, settings, Progress(enabled=False))
-    except QuantReleaseError as exc:
-        return _fail(str(exc), exc.exit_code)
     run_id = new_run_id()
     code = 0
     try:
         # Libraries print to stdout (modelopt's quantizer counts, ...); stdout is for the summary table.
         with contextlib.redirect_stdout(sys.stderr):
-            release.with_options(flow_run_name=run_id)(config=config)
+            if prefect_api_url():
+                from flows.release import release
+
+                # A flow run on that server, a task run per stage; preflight runs first inside it.
+                release.with_options(flow_run_name=run_id)(config=config)
+            else:
+                # No Prefect server: the flow's body as a plain function; prefect is not even imported.
+                run_release(config, settings, run_id, Progress(enabled=settings.progress))
     except QuantReleaseError as exc:
         code = _fail(error_message(exc), exc.exit_code)
     except Exception as exc:  # a stage failed; the summary and MLflow hold the details
         code = _fail(error_message(exc), EXIT_STAGE_FAILED)
     summary_file = run_dir(settings, run_id) / "summary.json"
     if summary_file.is_file():
-        from quant_release.state import write_text_atomic
+        from quant_release.atomic import write_text_atomic
         from quant_release.summary import RunSummary, summary_table
 
         text = summary_file.read_text()

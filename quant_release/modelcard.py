@@ -1,8 +1,9 @@
 """The model card (README.md with YAML front matter), rendered from the run's records only.
 
 Nothing here measures or recomputes: every figure is a record's field or plain arithmetic on them
-(differences, ratios, the binomial standard error). The front matter carries the exact MMLU values in
-`model-index`, the Hub's machine-readable evaluation results.
+(differences, ratios, the binomial standard error). The headline table and the front matter's
+`model-index` (the Hub's machine-readable evaluation results, exact values) come from the metric
+vocabulary (quant_release/metrics.py), like the run's summary.
 """
 
 from __future__ import annotations
@@ -16,21 +17,26 @@ from typing import Any
 import jinja2
 import yaml
 
+from quant_release import metrics
 from quant_release.mmlu import CATEGORY_TITLES
 from quant_release.records import (
     Engines,
     MmluResult,
     ModelSource,
     QuantizedCheckpoint,
+    Results,
     ThroughputResult,
     safetensors_bytes,
 )
 
 FRONT_MATTER_DELIMITER = "---"
+TEMPLATE = "model_card.md.j2"  # in quant_release/templates/
 
 
 @dataclass(frozen=True)
 class CardInputs:
+    """Everything the card (and the publish stage around it) reads: the run's records and its naming."""
+
     run_id: str
     source: ModelSource
     checkpoint: QuantizedCheckpoint
@@ -41,6 +47,41 @@ class CardInputs:
     repo_id: str | None
     license: str | None
     base_model: str | None
+
+    @classmethod
+    def from_results(
+        cls,
+        results: Results,
+        *,
+        run_id: str,
+        versions: dict[str, str],
+        repo_id: str | None,
+        license: str | None,
+        base_model: str | None,
+    ) -> CardInputs:
+        """The card's inputs from the records of a run; `license`/`base_model` None: the source's own."""
+        source = results.get(ModelSource)
+        return cls(
+            run_id=run_id,
+            source=source,
+            checkpoint=results.get(QuantizedCheckpoint),
+            engines=results.find(Engines),
+            mmlu=results.find(MmluResult),
+            throughput=results.find(ThroughputResult),
+            versions=versions,
+            repo_id=repo_id,
+            license=license or source.license,
+            base_model=base_model or source.base_model,
+        )
+
+    def records(self) -> Results:
+        found = (self.source, self.checkpoint, self.engines, self.mmlu, self.throughput)
+        return Results([record for record in found if record is not None])
+
+    def headline(self) -> list[metrics.HeadlineRow]:
+        """The headline table's measured rows, formatted as the run's closing table formats them."""
+        rows = metrics.headline_rows(metrics.summary_metrics(self.records()))
+        return [row for row in rows if row.measured]
 
 
 def _title(inputs: CardInputs) -> str:
@@ -68,10 +109,7 @@ def front_matter(inputs: CardInputs) -> dict[str, Any]:
                     {
                         "task": {"type": "text-generation", "name": "Text Generation"},
                         "dataset": dataset,
-                        "metrics": [
-                            {"type": "accuracy", "name": "MMLU accuracy (FP8)", "value": m.fp8.accuracy},
-                            {"type": "accuracy", "name": "MMLU accuracy (BF16 baseline)", "value": m.bf16.accuracy},
-                        ],
+                        "metrics": metrics.model_index_metrics(m),
                     }
                 ],
             }
@@ -110,13 +148,14 @@ def render(inputs: CardInputs) -> str:
         stderr = math.sqrt(p * (1 - p) / inputs.mmlu.questions)
     body = (
         _environment()
-        .get_template("model_card.md.j2")
+        .get_template(TEMPLATE)
         .render(
             title=_title(inputs),
             source_line=source_line,
             source=source,
             checkpoint=inputs.checkpoint,
             engines=inputs.engines,
+            headline=inputs.headline(),
             mmlu=inputs.mmlu,
             throughput=inputs.throughput,
             run_id=inputs.run_id,

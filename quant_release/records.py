@@ -1,36 +1,38 @@
 """The typed records stages hand to each other: paths, URIs, hashes and measured numbers, never weights.
 
-Each record is written as `record.json` beside the stage's outputs when the stage finishes; finding it
-again with the same inputs is what makes a stage `cached`. Each knows its own metrics for MLflow.
+Each stage returns one record type (quant_release/stages.py says which). It is written as `record.json`
+beside the stage's outputs when the stage finishes; finding it again with the same inputs is what makes a
+stage `cached`. Later stages receive earlier records through `Results`, by type.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from quant_release.hashing import FileDigest
+
 StageStatus = Literal["completed", "cached", "skipped", "failed"]
 Variant = Literal["bf16", "fp8"]
+R = TypeVar("R", bound="Record")
 
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     def metrics(self) -> dict[str, float]:
-        """Numbers to log to the stage's MLflow run (stable keys, see DESIGN.md)."""
-        return {}
+        """This record's metrics under their canonical keys (the vocabulary in quant_release/metrics.py)."""
+        from quant_release.metrics import record_metrics  # metrics.py imports the record types
+
+        return record_metrics(self)
 
     def missing_outputs(self) -> list[str]:
         """Output files the record promises that are gone or changed size (a stale cache entry)."""
         return []
-
-
-class FileDigest(BaseModel):
-    path: str
-    size: int
-    sha256: str
 
 
 def safetensors_bytes(files: list[FileDigest]) -> int:
@@ -46,6 +48,24 @@ def missing_files(base: Path, files: list[FileDigest]) -> list[str]:
         if not path.is_file() or path.stat().st_size != digest.size:
             out.append(str(path))
     return out
+
+
+@dataclass(frozen=True)
+class CheckedSource:
+    """What preflight found out about the source, cheaply: what it is and its identity for the cache key.
+
+    Handed from preflight to the download stage; not stored (the download's record is `ModelSource`).
+    """
+
+    kind: Literal["hub", "local", "gguf"]
+    source: str
+    path: Path | None  # local dir or GGUF file
+    repo_id: str | None
+    commit: str | None  # resolved Hub commit
+    identity: str  # what the cache key hashes: commit, GGUF sha256 or a stat fingerprint
+    license: str | None
+    base_model: str | None
+    name: str
 
 
 class ModelSource(Record):
@@ -65,12 +85,6 @@ class ModelSource(Record):
 
     def missing_outputs(self) -> list[str]:
         return missing_files(self.model_dir, self.files)
-
-    def metrics(self) -> dict[str, float]:
-        return {
-            "model/parameters": float(self.num_parameters),
-            "model/bf16_bytes": float(safetensors_bytes(self.files)),
-        }
 
 
 class CalibrationInfo(BaseModel):
@@ -97,13 +111,6 @@ class QuantizedCheckpoint(Record):
     def missing_outputs(self) -> list[str]:
         return missing_files(self.checkpoint_dir, self.files)
 
-    def metrics(self) -> dict[str, float]:
-        return {
-            "quantize/quantized_layers": float(self.quantized_layers),
-            "quantize/calib_tokens": float(self.calibration.tokens),
-            "model/fp8_bytes": float(safetensors_bytes(self.files)),
-        }
-
 
 class EngineHandle(BaseModel):
     """What an engine kind needs to load one variant again: a directory plus its options."""
@@ -128,13 +135,6 @@ class Engines(Record):
     # A quick fidelity probe on held-out text: how often FP8's next token equals BF16's.
     top1_agreement: float
     probe_tokens: int
-
-    def metrics(self) -> dict[str, float]:
-        return {
-            "build/bf16_weight_bytes": float(self.bf16.weight_bytes),
-            "build/fp8_weight_bytes": float(self.fp8.weight_bytes),
-            "build/fp8_top1_agreement": self.top1_agreement,
-        }
 
 
 class MmluScores(BaseModel):
@@ -163,18 +163,6 @@ class MmluResult(Record):
     def missing_outputs(self) -> list[str]:
         return [] if self.predictions_file.is_file() else [str(self.predictions_file)]
 
-    def metrics(self) -> dict[str, float]:
-        out = {
-            "mmlu/bf16": self.bf16.accuracy,
-            "mmlu/fp8": self.fp8.accuracy,
-            "mmlu/delta": self.fp8.accuracy - self.bf16.accuracy,
-            "mmlu/agreement": self.agreement,
-        }
-        for variant, scores in (("bf16", self.bf16), ("fp8", self.fp8)):
-            for category, value in scores.per_category.items():
-                out[f"mmlu/{variant}/category/{category}"] = value
-        return out
-
 
 class ThroughputMeasurement(BaseModel):
     requests: int
@@ -200,18 +188,6 @@ class ThroughputResult(Record):
     fp8: ThroughputMeasurement
     fp8_speedup: float
 
-    def metrics(self) -> dict[str, float]:
-        out = {
-            "throughput/bf16_tok_s": self.bf16.output_tok_s,
-            "throughput/fp8_tok_s": self.fp8.output_tok_s,
-            "fp8_speedup": self.fp8_speedup,
-        }
-        for variant, m in (("bf16", self.bf16), ("fp8", self.fp8)):
-            out[f"throughput/{variant}_req_s"] = m.requests_s
-            out[f"latency/{variant}_ttft_ms_p50"] = m.ttft_ms_p50
-            out[f"latency/{variant}_tpot_ms_p50"] = m.tpot_ms_p50
-        return out
-
 
 class Release(Record):
     """publish: the Hub-ready folder, its card, and where it was uploaded (if it was)."""
@@ -226,6 +202,37 @@ class Release(Record):
 
     def missing_outputs(self) -> list[str]:
         return missing_files(self.folder, self.files)
+
+
+class Results:
+    """The records of the stages that have run (or were read back), by record type.
+
+    A stage asks for what it reads by type, `results.get(ModelSource)`, and gets that type back; each
+    stage returns its own record type, so the type names the stage.
+    """
+
+    def __init__(self, records: list[Record] | None = None) -> None:
+        self._records: dict[type[Record], Record] = {}
+        for record in records or []:
+            self.add(record)
+
+    def add(self, record: Record) -> None:
+        self._records[type(record)] = record
+
+    def get(self, record_type: type[R]) -> R:
+        """The record of that type; KeyError if its stage has not run (a needed stage: a bug in the table)."""
+        record = self._records.get(record_type)
+        if not isinstance(record, record_type):
+            raise KeyError(f"no {record_type.__name__} yet: its stage has not run")
+        return record
+
+    def find(self, record_type: type[R]) -> R | None:
+        """The record of that type, or None (an optional input: a stage that was switched off)."""
+        record = self._records.get(record_type)
+        return record if isinstance(record, record_type) else None
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self._records.values())
 
 
 class StageReport(BaseModel):

@@ -1,54 +1,48 @@
 """Running one stage the same way every time: reuse a finished result or produce it, track it, time it.
 
-`StageRunner.run` is what makes a run resumable. The stage's inputs (its config section, upstream
-cache keys, tool versions) hash to a key; a finished result under that key is loaded instead of
-redone (`cached`), unless the user asked to `--rerun` the stage. Either way the stage gets a nested
-MLflow run with its params, the record's metrics and the record itself as an artifact.
+`StageRunner.run` is what makes a run resumable. The stage's inputs hash to a key: what the task states
+(its config section, what it read), plus what the runner adds from the stage table itself (the cache
+keys of the stages it `needs`, and the version of the code and packages that shape its result). A
+finished result under that key is loaded instead of redone (`cached`), unless the user asked to `--rerun`
+the stage. Either way the stage gets a nested MLflow run with its params, the record's metrics and the
+record itself as an artifact.
+
+`RunContext` is what every stage task receives: the run's config and settings, what preflight found out,
+the records of earlier stages (by type) and the runner. `stage_task` makes a stage function a Prefect task
+without importing Prefect until a flow run calls it.
 """
 
 from __future__ import annotations
 
 import time
 import traceback
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
-from quant_release.engines import LoadedEngine, get_backend
+from quant_release import metrics
+from quant_release.config import ReleaseConfig, Settings
+from quant_release.engines.pool import EnginePool
 from quant_release.errors import MissingUpstreamError, error_message
+from quant_release.mmlu import MmluDataset
 from quant_release.progress import Progress
-from quant_release.records import EngineHandle, Record, StageReport
+from quant_release.records import CheckedSource, Record, Results, StageReport
+from quant_release.stages import STAGE_TABLE, Stage, code_version
 from quant_release.state import StageStore, cache_key
+from quant_release.storage import ArtifactStore
 from quant_release.tracking import Tracker
 
 R = TypeVar("R", bound=Record)
+R_co = TypeVar("R_co", bound=Record, covariant=True)
 
 
-class EnginePool:
-    """Keeps the last few loaded engines so evaluate and benchmark do not load the same weights twice."""
+@dataclass(frozen=True)
+class StageWork:
+    """Where a stage writes its outputs (moved into place when it returns) and its cache key."""
 
-    def __init__(self, capacity: int = 2) -> None:
-        self.capacity = capacity
-        self._engines: OrderedDict[str, LoadedEngine] = OrderedDict()
-
-    def get(self, handle: EngineHandle) -> LoadedEngine:
-        key = handle.model_dump_json(exclude={"weight_bytes", "load_seconds"})
-        if key in self._engines:
-            self._engines.move_to_end(key)
-            return self._engines[key]
-        while len(self._engines) >= self.capacity:
-            _, oldest = self._engines.popitem(last=False)
-            oldest.close()
-        engine = get_backend(handle.kind).load(handle)
-        self._engines[key] = engine
-        return engine
-
-    def close(self) -> None:
-        while self._engines:
-            _, engine = self._engines.popitem()
-            engine.close()
+    dir: Path
+    key: str
 
 
 @dataclass
@@ -58,27 +52,32 @@ class StageRunner:
     progress: Progress
     selected: set[str]
     rerun: set[str]
+    engine: str | None = None  # engine.kind: its code and packages are part of engine stages' keys
+    table: tuple[Stage, ...] = STAGE_TABLE
     engines: EnginePool = field(default_factory=EnginePool)
     reports: dict[str, StageReport] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
 
-    def run(
-        self,
-        stage: str,
-        inputs: Mapping[str, Any],
-        record_type: type[R],
-        produce: Callable[[Path], R],
-    ) -> R:
+    def key_inputs(self, stage: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """The task's own inputs plus what the stage table adds: upstream keys and the code's version."""
+        spec = self._spec(stage)
+        # A need that did not run (switched off) has no key and adds nothing.
+        upstream = {need: self.keys[need] for need in spec.needs if need in self.keys}
+        return {**inputs, "upstream": upstream, "code": code_version(spec, self.engine)}
+
+    def run(self, stage: str, inputs: Mapping[str, Any], produce: Callable[[StageWork], R]) -> R:
         """Return the stage's record: loaded when finished before, else produced into a fresh dir.
 
         A stage that was not selected is only loaded; if it never finished with these inputs the run
         stops with a message saying which command produces it.
         """
-        key = cache_key(stage, inputs)
+        spec = self._spec(stage)
+        full_inputs = self.key_inputs(stage, inputs)
+        key = cache_key(stage, full_inputs)
         self.keys[stage] = key
         selected = stage in self.selected
         start = time.monotonic()
-        cached = None if (selected and stage in self.rerun) else self.store.load(stage, key, record_type)
+        cached = None if (selected and stage in self.rerun) else self.store.load(stage, key, spec.record)
         if cached is None and not selected:
             error = MissingUpstreamError(
                 f"stage {stage} has no finished result for these settings; run `quant-release {stage}` "
@@ -87,16 +86,16 @@ class StageRunner:
             self.reports[stage] = StageReport(status="failed", cache_key=key, error=str(error))
             raise error
         with self.tracker.stage(stage, tags={"cache_key": key}) as run_id:
-            self.tracker.log_params(run_id, inputs)
+            self.tracker.log_params(run_id, full_inputs)
             if cached is not None:
-                record = cached
+                record = cast(R, cached)  # loaded as the table's record type, which `produce` returns
                 status = "cached"
                 self.progress.note(stage, f"cached (key {key}), reusing {self.store.result_dir(stage, key)}")
             else:
                 self.progress.stage_started(stage)
                 try:
                     with self.store.writing(stage, key) as work_dir:
-                        record = self.store.commit(stage, key, work_dir, produce(work_dir))
+                        record = self.store.commit(stage, key, work_dir, produce(StageWork(work_dir, key)))
                 except BaseException as exc:
                     seconds = time.monotonic() - start
                     self.reports[stage] = StageReport(
@@ -108,7 +107,7 @@ class StageRunner:
                 status = "completed"
             seconds = time.monotonic() - start
             self.tracker.set_tags(run_id, {"status": status})
-            self.tracker.log_metrics(run_id, {**record.metrics(), f"stage/{stage}/seconds": seconds})
+            self.tracker.log_metrics(run_id, {**record.metrics(), metrics.stage_seconds_key(stage): seconds})
             self.tracker.log_artifact(run_id, self.store.result_dir(stage, key) / "record.json")
         self.reports[stage] = StageReport(status=status, seconds=seconds, cache_key=key, mlflow_run_id=run_id)
         if status == "completed":
@@ -118,3 +117,71 @@ class StageRunner:
     def skip(self, stage: str, reason: str) -> None:
         self.reports[stage] = StageReport(status="skipped", error=None)
         self.progress.note(stage, f"skipped ({reason})")
+
+    def _spec(self, stage: str) -> Stage:
+        for spec in self.table:
+            if spec.name == stage:
+                return spec
+        raise ValueError(f"stage {stage!r} is not in the runner's stage table")
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What the checks before the run found out, for the stages to use (nothing is asked twice)."""
+
+    checked: CheckedSource
+    calib_dataset: str  # `auto` resolved to a source name
+    device: str  # `auto` resolved to cpu or cuda
+    store: ArtifactStore
+    tracking_uri: str
+    mmlu_dataset: MmluDataset | None  # loaded when evaluate runs
+
+
+@dataclass
+class RunContext:
+    """What every stage task receives (`tasks/<stage>.py`: `<stage>_task(ctx)`)."""
+
+    config: ReleaseConfig
+    settings: Settings
+    run_id: str
+    versions: dict[str, str]
+    preflight: Preflight
+    runner: StageRunner
+    results: Results = field(default_factory=Results)
+
+    @property
+    def progress(self) -> Progress:
+        return self.runner.progress
+
+
+class StageTask(Generic[R_co]):
+    """A stage's task: its plain function (`fn`) and, when called inside a Prefect flow run, a Prefect task.
+
+    The Prefect task is made on first use, so a run without Prefect (the CLI with no PREFECT_API_URL)
+    never imports prefect, which takes seconds. Inside a flow run, calling it is calling the Prefect task:
+    a task run named after the stage, keyed by the function (`<stage>_task-...`) as Prefect does.
+    """
+
+    def __init__(self, fn: Callable[[RunContext], R_co], name: str) -> None:
+        self.fn = fn
+        self.name = name
+        self._prefect_task: Any = None
+
+    def __call__(self, ctx: RunContext) -> R_co:
+        if self._prefect_task is None:
+            from prefect import task
+            from prefect.cache_policies import NO_CACHE
+
+            # Our own cache (StageRunner) decides what is reused; Prefect neither caches nor persists.
+            self._prefect_task = task(name=self.name, cache_policy=NO_CACHE, persist_result=False)(self.fn)
+        result: R_co = self._prefect_task(ctx)
+        return result
+
+
+def stage_task(name: str) -> Callable[[Callable[[RunContext], R]], StageTask[R]]:
+    """`@stage_task("quantize")` on `quantize_task(ctx) -> QuantizedCheckpoint` in tasks/quantize.py."""
+
+    def decorate(fn: Callable[[RunContext], R]) -> StageTask[R]:
+        return StageTask(fn, name)
+
+    return decorate

@@ -19,10 +19,12 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from quant_release.atomic import write_text_atomic
 from quant_release.records import Record
 
-# Bump when a stage's outputs change meaning, so old results stop matching.
-STORE_VERSION = 3
+# Bump when a stage's outputs change meaning in a way the keys do not see (the code version of each
+# stage is part of its key already), so old results stop matching. 4: keys include code versions.
+STORE_VERSION = 4
 R = TypeVar("R", bound=Record)
 
 
@@ -84,9 +86,7 @@ class StageStore:
         relocated = type(record).model_validate_json(
             record.model_dump_json().replace(json.dumps(str(work))[1:-1], json.dumps(str(final))[1:-1])
         )
-        tmp_record = work / "record.json.tmp"
-        tmp_record.write_text(relocated.model_dump_json(indent=2))
-        tmp_record.replace(work / "record.json")
+        write_text_atomic(work / "record.json", relocated.model_dump_json(indent=2))
         if final.exists():
             # A re-run replaces the old result only now that the new one is complete.
             trash = final.with_name(f".old-{key}-{uuid.uuid4().hex[:8]}")
@@ -96,15 +96,3 @@ class StageStore:
         else:
             work.replace(final)
         return relocated
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

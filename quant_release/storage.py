@@ -4,8 +4,8 @@
 work before any heavy stage starts, so a typo fails a run in seconds, not after an hour of GPU time.
 
 A directory upload writes `manifest.json` (path, size, sha256 of every file) as its LAST object: a
-prefix with a manifest is a complete upload, one without is partial, and a download checks every file
-against it. Error messages name the bucket and endpoint, never a credential.
+prefix with a manifest is a complete upload, one without is partial, and whoever fetches it can check
+every file against it. Error messages name the bucket and endpoint, never a credential.
 """
 
 from __future__ import annotations
@@ -16,16 +16,15 @@ import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from quant_release.errors import ConfigError, QuantReleaseError
-from quant_release.hashing import fingerprint, iter_files, sha256_file
-from quant_release.records import FileDigest
+from quant_release.atomic import PARTIAL_PREFIX, PARTIAL_SUFFIX, atomic_path
+from quant_release.errors import ConfigError, QuantReleaseError, redact
+from quant_release.hashing import FileDigest, iter_files, sha256_file
 
 if TYPE_CHECKING:
     from boto3.s3.transfer import TransferConfig
@@ -40,8 +39,6 @@ MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
 # Transfers are network-bound; a few threads fill the pipe without starving a 2-core host.
 MAX_CONCURRENCY = 4
 
-_PARTIAL_PREFIX = ".qr-"
-_PARTIAL_SUFFIX = ".partial"
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _ACCESS_DENIED_CODES = {
     "403",
@@ -54,19 +51,10 @@ _ACCESS_DENIED_CODES = {
     "InvalidClientTokenId",
     "AllAccessDisabled",
 }
-_NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 
 
 class ArtifactError(QuantReleaseError):
     """A transfer to or from the artifact store failed."""
-
-
-class ArtifactNotFoundError(ArtifactError):
-    """The object, or the manifest of a directory upload (so: no complete upload), is not there."""
-
-
-class ArtifactIntegrityError(ArtifactError):
-    """What was downloaded does not match the manifest: a tampered, truncated or overwritten object."""
 
 
 class Manifest(BaseModel):
@@ -75,18 +63,11 @@ class Manifest(BaseModel):
     version: int = 1
     files: list[FileDigest]
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
-
-    def fingerprint(self) -> str:
-        return fingerprint(self.files)
-
 
 def check_key(key: str) -> str:
     """Return `key` if it is a relative POSIX key without empty, `.` or `..` parts, else raise ValueError.
 
-    Keys become local paths on download; this is what keeps a hostile manifest inside the target dir.
+    Keys become paths under a LocalStore's root: this is what keeps every write inside it.
     """
     parts = key.split("/")
     if not key or "\\" in key or "\0" in key or any(p in ("", ".", "..") for p in parts):
@@ -99,36 +80,6 @@ def _join(prefix: str, key: str) -> str:
         return prefix
     check_key(key)
     return f"{prefix}/{key}" if prefix else key
-
-
-def _redact(uri: str) -> str:
-    """The URI without any user:password@ part, for error messages."""
-    parts = urlsplit(uri)
-    if "@" in parts.netloc:
-        return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
-    return uri
-
-
-@contextlib.contextmanager
-def _partial_file(final: Path) -> Iterator[Path]:
-    """A temp path beside `final`; the caller fills it, and it replaces `final` only if no error escapes.
-
-    Same directory, so os.replace is an atomic rename: a reader sees the old file or the whole new one.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=final.parent, prefix=_PARTIAL_PREFIX, suffix=_PARTIAL_SUFFIX)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        tmp.replace(final)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def _matches(path: Path, entry: FileDigest) -> bool:
-    return path.is_file() and path.stat().st_size == entry.size and sha256_file(path) == entry.sha256
 
 
 def _fsync(path: Path) -> None:
@@ -150,23 +101,8 @@ class ArtifactStore(ABC):
         """A store rooted at `prefix` under this one (sharing its connection)."""
 
     @abstractmethod
-    def object_uri(self, key: str) -> str:
-        """Where `key` is (or would be), as a URI or path a user can paste."""
-
-    @abstractmethod
     def upload_file(self, local: str | os.PathLike[str], key: str) -> str:
         """Copy one local file to `key`; returns the object's URI."""
-
-    @abstractmethod
-    def download_file(self, key: str, local: str | os.PathLike[str]) -> None:
-        """Copy `key` to `local` atomically. Raises ArtifactNotFoundError if it does not exist."""
-
-    @abstractmethod
-    def exists(self, key: str) -> bool: ...
-
-    @abstractmethod
-    def list(self, prefix: str = "") -> list[str]:
-        """Keys (relative to this store) starting with `prefix`, sorted."""
 
     @abstractmethod
     def check_access(self) -> None:
@@ -174,10 +110,6 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def _put_bytes(self, key: str, data: bytes) -> None: ...
-
-    @abstractmethod
-    def _get_bytes(self, key: str) -> bytes | None:
-        """The object's content, or None if it does not exist."""
 
     @abstractmethod
     def _delete(self, key: str) -> None:
@@ -203,52 +135,6 @@ class ArtifactStore(ABC):
         self._put_bytes(manifest_key, manifest.model_dump_json(indent=2).encode("utf-8"))
         return manifest
 
-    def read_manifest(self, key_prefix: str = "") -> Manifest | None:
-        """The manifest of a complete upload at `key_prefix`, or None if there is none (yet)."""
-        key = _join(key_prefix, MANIFEST_NAME)
-        data = self._get_bytes(key)
-        if data is None:
-            return None
-        try:
-            manifest = Manifest.model_validate_json(data)
-        except ValidationError as exc:
-            raise ArtifactIntegrityError(f"{self.object_uri(key)} is not a valid manifest: {exc}") from exc
-        for entry in manifest.files:
-            try:
-                check_key(entry.path)
-            except ValueError as exc:
-                raise ArtifactIntegrityError(f"{self.object_uri(key)}: {exc}") from exc
-        return manifest
-
-    def download_dir(self, key_prefix: str, local_dir: str | os.PathLike[str]) -> Manifest:
-        """Download the files of the complete upload at `key_prefix`, checking each size and sha256.
-
-        A file already in `local_dir` with the right hash is kept, so an interrupted download resumes.
-        Raises ArtifactNotFoundError without a manifest and ArtifactIntegrityError on any mismatch;
-        a mismatching file never appears under its final name.
-        """
-        manifest = self.read_manifest(key_prefix)
-        if manifest is None:
-            where = self.object_uri(key_prefix) if key_prefix else self.uri
-            raise ArtifactNotFoundError(
-                f"no complete upload at {where}: {MANIFEST_NAME} is missing (upload never finished?)"
-            )
-        root = Path(local_dir)
-        for entry in manifest.files:
-            target = root / entry.path
-            if _matches(target, entry):
-                continue
-            key = _join(key_prefix, entry.path)
-            with _partial_file(target) as tmp:
-                self.download_file(key, tmp)
-                size, digest = tmp.stat().st_size, sha256_file(tmp)
-                if size != entry.size or digest != entry.sha256:
-                    raise ArtifactIntegrityError(
-                        f"{self.object_uri(key)} does not match its manifest: sha256 {digest} "
-                        f"({size} bytes), expected {entry.sha256} ({entry.size} bytes)"
-                    )
-        return manifest
-
 
 class LocalStore(ArtifactStore):
     """A directory; every write goes to a temp file first and is renamed into place."""
@@ -269,45 +155,17 @@ class LocalStore(ArtifactStore):
     def child(self, prefix: str) -> LocalStore:
         return LocalStore(self._path(prefix))
 
-    def object_uri(self, key: str) -> str:
-        return str(self._path(key))
-
     def upload_file(self, local: str | os.PathLike[str], key: str) -> str:
         final = self._path(key)
-        with _partial_file(final) as tmp:
+        with atomic_path(final) as tmp:
             shutil.copyfile(local, tmp)
             _fsync(tmp)
         return str(final)
 
-    def download_file(self, key: str, local: str | os.PathLike[str]) -> None:
-        source = self._path(key)
-        if not source.is_file():
-            raise ArtifactNotFoundError(f"{source} does not exist")
-        with _partial_file(Path(local)) as tmp:
-            shutil.copyfile(source, tmp)
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
-    def list(self, prefix: str = "") -> list[str]:
-        # Walk only the deepest directory the prefix names, not the whole store.
-        base_key = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-        base = self._path(base_key) if base_key else self.root
-        if not base.is_dir():
-            return []
-        keys = []
-        for path in iter_files(base):
-            if path.name.startswith(_PARTIAL_PREFIX) and path.name.endswith(_PARTIAL_SUFFIX):
-                continue  # another writer's file in flight, not an object yet
-            key = path.relative_to(self.root).as_posix()
-            if key.startswith(prefix):
-                keys.append(key)
-        return sorted(keys)
-
     def check_access(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=self.root, prefix=_PARTIAL_PREFIX, suffix=_PARTIAL_SUFFIX)
+            fd, name = tempfile.mkstemp(dir=self.root, prefix=PARTIAL_PREFIX, suffix=PARTIAL_SUFFIX)
             os.close(fd)
             Path(name).unlink()
         except OSError as exc:
@@ -315,15 +173,9 @@ class LocalStore(ArtifactStore):
             raise ConfigError(f"artifact directory {self.root} is not writable: {reason}") from exc
 
     def _put_bytes(self, key: str, data: bytes) -> None:
-        with _partial_file(self._path(key)) as tmp:
+        with atomic_path(self._path(key)) as tmp:
             tmp.write_bytes(data)
             _fsync(tmp)
-
-    def _get_bytes(self, key: str) -> bytes | None:
-        try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
-            return None
 
     def _delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -400,9 +252,6 @@ class S3Store(ArtifactStore):
     def child(self, prefix: str) -> S3Store:
         return S3Store(self.bucket, self._key(prefix), client=self.client)
 
-    def object_uri(self, key: str) -> str:
-        return f"s3://{self.bucket}/{self._key(key)}"
-
     def _fail(self, exc: Exception, doing: str) -> QuantReleaseError:
         """Turn a boto3 error into one line that says what to fix, without any credential in it."""
         from botocore.exceptions import (
@@ -445,41 +294,6 @@ class S3Store(ArtifactStore):
             raise self._fail(exc, f"upload of {local} to s3://{self.bucket}/{full}") from exc
         return f"s3://{self.bucket}/{full}"
 
-    def download_file(self, key: str, local: str | os.PathLike[str]) -> None:
-        full = self._key(key)
-        target = Path(local)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            # s3transfer writes to a temp name beside `local` and renames it: atomic already.
-            self.client.download_file(self.bucket, full, str(target), Config=self._transfer_config())
-        except Exception as exc:
-            if _error_code(exc) in _NOT_FOUND_CODES:
-                raise ArtifactNotFoundError(f"s3://{self.bucket}/{full} does not exist") from exc
-            if isinstance(exc, OSError):
-                raise
-            raise self._fail(exc, f"download of s3://{self.bucket}/{full}") from exc
-
-    def exists(self, key: str) -> bool:
-        full = self._key(key)
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=full)
-        except Exception as exc:
-            if _error_code(exc) in _NOT_FOUND_CODES:
-                return False
-            raise self._fail(exc, f"HEAD of s3://{self.bucket}/{full}") from exc
-        return True
-
-    def list(self, prefix: str = "") -> list[str]:
-        # Trailing slash: the store at "a/b" must not list "a/bc/...".
-        base = f"{self.prefix}/" if self.prefix else ""
-        keys: list[str] = []
-        try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base + prefix):
-                keys.extend(obj["Key"][len(base) :] for obj in page.get("Contents", []) if "Key" in obj)
-        except Exception as exc:
-            raise self._fail(exc, f"listing of {self.uri}") from exc
-        return sorted(keys)
-
     def check_access(self) -> None:
         # One LIST of at most one key: needs valid credentials, an existing bucket and read access,
         # and costs one request.
@@ -497,15 +311,6 @@ class S3Store(ArtifactStore):
             self.client.put_object(Bucket=self.bucket, Key=full, Body=data)
         except Exception as exc:
             raise self._fail(exc, f"upload of s3://{self.bucket}/{full}") from exc
-
-    def _get_bytes(self, key: str) -> bytes | None:
-        full = self._key(key)
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
-        except Exception as exc:
-            if _error_code(exc) in _NOT_FOUND_CODES:
-                return None
-            raise self._fail(exc, f"download of s3://{self.bucket}/{full}") from exc
 
     def _delete(self, key: str) -> None:
         full = self._key(key)
@@ -526,7 +331,7 @@ def open_store(uri: str) -> ArtifactStore:
     if not scheme or len(scheme) == 1:
         return LocalStore(uri)
     if "@" in parts.netloc:
-        raise ConfigError(f"artifact URI {_redact(uri)} carries credentials: put them in the AWS_* environment instead")
+        raise ConfigError(f"artifact URI {redact(uri)} carries credentials: put them in the AWS_* environment instead")
     if parts.query or parts.fragment:
         raise ConfigError(f"artifact URI {uri} must not have a query or fragment")
     if scheme == "file":

@@ -1,12 +1,14 @@
-"""The run summary: what `--summary-json` writes, what MLflow's parent run gets, the closing table."""
+"""The run summary: what `--summary-json` writes, what MLflow's parent run gets, the closing table.
+
+Its metrics and the table's rows come from the metric vocabulary (quant_release/metrics.py).
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, Field
 
-from quant_release.config import STAGES, ReleaseConfig
+from quant_release import metrics
+from quant_release.config import ReleaseConfig
 from quant_release.errors import error_message
 from quant_release.progress import format_seconds
 from quant_release.records import (
@@ -15,9 +17,10 @@ from quant_release.records import (
     ModelSource,
     QuantizedCheckpoint,
     Release,
+    Results,
     StageReport,
-    ThroughputResult,
 )
+from quant_release.stages import STAGES
 
 
 class RunSummary(BaseModel):
@@ -42,7 +45,7 @@ def build_summary(
     config: ReleaseConfig,
     checked_revision: str | None,
     reports: dict[str, StageReport],
-    records: dict[str, Any],
+    results: Results,
     tracking_uri: str,
     mlflow_run_id: str | None,
     versions: dict[str, str],
@@ -50,27 +53,17 @@ def build_summary(
     error: BaseException | None,
     seconds: float,
 ) -> RunSummary:
-    source: ModelSource | None = records.get("download")
-    checkpoint: QuantizedCheckpoint | None = records.get("quantize")
-    engines: Engines | None = records.get("build")
-    result: MmluResult | None = records.get("evaluate")
-    throughput: ThroughputResult | None = records.get("benchmark")
-    release: Release | None = records.get("publish")
-    metrics: dict[str, float | None] = {
-        "mmlu_bf16": result.bf16.accuracy if result else None,
-        "mmlu_fp8": result.fp8.accuracy if result else None,
-        "mmlu_questions": float(result.questions) if result else None,
-        "throughput_bf16_tok_s": throughput.bf16.output_tok_s if throughput else None,
-        "throughput_fp8_tok_s": throughput.fp8.output_tok_s if throughput else None,
-        "fp8_speedup": throughput.fp8_speedup if throughput else None,
-        "fp8_top1_agreement": engines.top1_agreement if engines else None,
-    }
+    source = results.find(ModelSource)
+    checkpoint = results.find(QuantizedCheckpoint)
+    engines = results.find(Engines)
+    result = results.find(MmluResult)
+    release = results.find(Release)
     parent_metrics: dict[str, float] = {}
-    for record in records.values():
+    for record in results:
         parent_metrics.update(record.metrics())
     for stage, report in reports.items():
         if report.status in ("completed", "cached"):
-            parent_metrics[f"stage/{stage}/seconds"] = report.seconds
+            parent_metrics[metrics.stage_seconds_key(stage)] = report.seconds
     return RunSummary(
         run_id=run_id,
         status="failed" if error else "completed",
@@ -82,7 +75,7 @@ def build_summary(
             "fingerprint": source.fingerprint if source else None,
         },
         stages={stage: reports[stage] for stage in STAGES},
-        metrics=metrics,
+        metrics=metrics.summary_metrics(results),
         artifacts={
             "checkpoint_dir": str(checkpoint.checkpoint_dir) if checkpoint else None,
             "model_card": str(release.model_card) if release else None,
@@ -109,24 +102,10 @@ def summary_table(summary: RunSummary) -> str:
     for stage, report in summary.stages.items():
         time_text = format_seconds(report.seconds) if report.status in ("completed", "failed") else "-"
         lines.append(f"{stage:<10} {report.status:<10} {time_text:>8}")
-    m = summary.metrics
-
-    def pct(value: float | None) -> str:
-        return "-" if value is None else f"{100 * value:.2f}%"
-
-    def num(value: float | None, fmt: str) -> str:
-        return "-" if value is None else format(value, fmt)
-
-    lines += [
-        "",
-        f"{'':<22} {'BF16':>10} {'FP8':>10}",
-        f"{'MMLU accuracy':<22} {pct(m['mmlu_bf16']):>10} {pct(m['mmlu_fp8']):>10}",
-        f"{'output tokens/s':<22} {num(m['throughput_bf16_tok_s'], '.1f'):>10} "
-        f"{num(m['throughput_fp8_tok_s'], '.1f'):>10}",
-        f"{'FP8 speedup':<22} {num(m['fp8_speedup'], '.2f') + 'x' if m['fp8_speedup'] else '-':>21}",
-        "",
-        f"device:   {summary.device}",
-    ]
+    lines += ["", f"{'':<22} {'BF16':>10} {'FP8':>10}"]
+    for row in metrics.headline_rows(summary.metrics):
+        lines.append(f"{row.label:<22} {row.bf16:>10} {row.fp8:>10}")
+    lines += ["", f"device:   {summary.device}"]
     if summary.artifacts.get("model_card"):
         lines.append(f"card:     {summary.artifacts['model_card']}")
     if summary.artifacts.get("artifact_uri"):

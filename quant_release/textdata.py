@@ -3,7 +3,7 @@
 Offline, the source is CPython's own reference documentation (`pydoc_data.topics`, ~465k characters
 of prose and grammar that ship with every CPython). Its topics are split once, by a hash of the topic
 name, into a calibration part and a held-out part, so the probe never sees calibration text.
-Online, calibration can use cnn_dailymail, as NVIDIA's FP8 releases do.
+Calibration sources (this text, cnn_dailymail, ...) are registered in quant_release/calibration/.
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-from quant_release.errors import ConfigError
-
 Split = Literal["calibration", "heldout"]
-CNN_DAILYMAIL = ("abisee/cnn_dailymail", "3.0.0")
 
 
 def _heldout_topic(name: str) -> bool:
@@ -35,46 +32,6 @@ def python_docs(split: Split) -> list[str]:
     # one of the names is held out, so the probe never sees calibration text.
     heldout_texts = {topics[n] for n in heldout}
     return [topics[n] for n in sorted(topics) if not _heldout_topic(n) and topics[n] not in heldout_texts]
-
-
-def cnn_dailymail_articles(count: int, endpoint: str | None = None) -> list[str]:
-    """The first `count` training articles of cnn_dailymail 3.0.0, streamed (no full download)."""
-    try:
-        import datasets
-    except ImportError as exc:  # pragma: no cover - datasets comes with nvidia-modelopt[hf]
-        raise ConfigError("calib_dataset=cnn_dailymail needs the `datasets` package") from exc
-    del endpoint  # datasets reads HF_ENDPOINT itself
-    stream = datasets.load_dataset(*CNN_DAILYMAIL, split="train", streaming=True)
-    articles: list[str] = []
-    for row in stream:
-        articles.append(str(row["article"]))
-        if len(articles) >= count:
-            break
-    return articles
-
-
-def hub_dataset_reachable(repo_id: str, endpoint: str, timeout: float = 5.0) -> bool:
-    """Whether the Hub answers for `repo_id` (a cheap metadata call, failing fast when offline)."""
-    import os
-
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False") or os.environ.get(
-        "HF_DATASETS_OFFLINE", "0"
-    ) not in ("", "0", "false", "False"):
-        return False
-    from huggingface_hub import HfApi
-
-    try:
-        HfApi(endpoint=endpoint).dataset_info(repo_id, timeout=timeout)
-    except Exception:
-        return False
-    return True
-
-
-def resolve_calibration_dataset(requested: str, endpoint: str) -> str:
-    """Turn `auto` into a concrete dataset name, once, before the run, so the cache key is stable."""
-    if requested != "auto":
-        return requested
-    return "cnn_dailymail" if hub_dataset_reachable(CNN_DAILYMAIL[0], endpoint) else "python-docs"
 
 
 def token_windows(

@@ -17,25 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from quant_release.errors import ConfigError
+from quant_release.errors import SECRET_WORDS, ConfigError, redact
 
 _SUPPORTED_SCHEMES = {"http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks"}
-_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
+_SECRET_KEY = re.compile(SECRET_WORDS, re.IGNORECASE)
 _PARAM_MAX = 6000  # MLflow's limit on a param value
-
-
-# `scheme://user:password@host`: the userinfo part, wherever a URL appears in a text.
-_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
-# `?token=...` / `&api_key=...`: the value of a credential-looking query parameter.
-_SECRET_QUERY = re.compile(
-    r"(?P<key>[?&][^=&#\s]*(?:token|secret|password|passwd|api[_-]?key|credential)[^=&#\s]*=)[^&#\s]+",
-    re.IGNORECASE,
-)
-
-
-def redact(value: str) -> str:
-    """Mask credentials in URLs anywhere in `value` (error messages quote URLs too)."""
-    return _SECRET_QUERY.sub(r"\g<key>***", _URL_USERINFO.sub(r"\g<scheme>***@", value))
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -1,1 +1,1 @@
-"""The six pipeline stages, one module each: plain functions plus one thin Prefect task."""
+"""The six pipeline stages, one module each: plain functions plus one thin stage task (`stage_task`)."""

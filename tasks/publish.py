@@ -9,37 +9,18 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from quant_release import modelcard
 from quant_release.config import PublishConfig, Settings
 from quant_release.errors import ConfigError
 from quant_release.hashing import digest_dir
+from quant_release.modelcard import CardInputs
 from quant_release.progress import Progress
-from quant_release.records import (
-    Engines,
-    MmluResult,
-    ModelSource,
-    QuantizedCheckpoint,
-    Release,
-    ThroughputResult,
-)
-from quant_release.stage import StageRunner
+from quant_release.records import QuantizedCheckpoint, Release
+from quant_release.stage import RunContext, stage_task
 from quant_release.storage import ArtifactStore
-
-
-@dataclass(frozen=True)
-class PublishInputs:
-    source: ModelSource
-    checkpoint: QuantizedCheckpoint
-    engines: Engines | None
-    mmlu: MmluResult | None
-    throughput: ThroughputResult | None
 
 
 def check_publish(config: PublishConfig, settings: Settings) -> None:
@@ -67,10 +48,8 @@ def check_publish(config: PublishConfig, settings: Settings) -> None:
         raise ConfigError(f"HF_TOKEN belongs to {who.get('name')!r}, which cannot write to namespace {namespace!r}")
 
 
-def cache_inputs(
-    config: PublishConfig, settings: Settings, upstream_keys: dict[str, str], artifact_uri: str
-) -> dict[str, Any]:
-    inputs: dict[str, Any] = {"upstream": upstream_keys, **config.model_dump(), "artifact_uri": artifact_uri}
+def cache_inputs(config: PublishConfig, settings: Settings, artifact_uri: str) -> dict[str, Any]:
+    inputs: dict[str, Any] = {**config.model_dump(), "artifact_uri": artifact_uri}
     if config.push_to_hub:
         inputs["hf_endpoint"] = settings.hf_endpoint
     return inputs
@@ -109,30 +88,13 @@ def validate_card_on_hub(card: str, endpoint: str) -> None:
 def run_publish(
     config: PublishConfig,
     settings: Settings,
-    inputs: PublishInputs,
-    run_id: str,
-    versions: dict[str, str],
+    inputs: CardInputs,
     store: ArtifactStore,
     key: str,
     out_dir: Path,
     progress: Progress,
 ) -> Release:
-    license_ = config.license or inputs.source.license
-    base_model = config.base_model or inputs.source.base_model
-    card = modelcard.render(
-        modelcard.CardInputs(
-            run_id=run_id,
-            source=inputs.source,
-            checkpoint=inputs.checkpoint,
-            engines=inputs.engines,
-            mmlu=inputs.mmlu,
-            throughput=inputs.throughput,
-            versions=versions,
-            repo_id=config.hub_repo_id,
-            license=license_,
-            base_model=base_model,
-        )
-    )
+    card = modelcard.render(inputs)
     modelcard.parse_front_matter(card)  # our own YAML must parse before anyone else sees it
     if config.push_to_hub:
         # Before anything is stored: a card the Hub rejects must not leave a complete-looking release behind.
@@ -157,7 +119,7 @@ def run_publish(
     commit = api.upload_folder(
         repo_id=config.hub_repo_id,
         folder_path=str(folder),
-        commit_message=f"FP8 release from quant-release run {run_id}",
+        commit_message=f"FP8 release from quant-release run {inputs.run_id}",
         commit_description=f"Source: {inputs.source.source} @ {inputs.source.revision}",
         # The commit is the release: files of an earlier release (old shards) must not stay beside it.
         delete_patterns=["*"],
@@ -171,22 +133,19 @@ def run_publish(
     )
 
 
-@task(name="publish", cache_policy=NO_CACHE, persist_result=False)
-def publish_task(
-    runner: StageRunner,
-    config: PublishConfig,
-    settings: Settings,
-    inputs: PublishInputs,
-    run_id: str,
-    versions: dict[str, str],
-    store: ArtifactStore,
-) -> Release:
-    upstream = {k: v for k, v in runner.keys.items() if k != "publish"}
-    key_inputs = cache_inputs(config, settings, upstream, store.uri)
-
-    def produce(out: Path) -> Release:
-        return run_publish(
-            config, settings, inputs, run_id, versions, store, runner.keys["publish"], out, runner.progress
-        )
-
-    return runner.run("publish", key_inputs, Release, produce)
+@stage_task("publish")
+def publish_task(ctx: RunContext) -> Release:
+    config, settings, store = ctx.config.publish, ctx.settings, ctx.preflight.store
+    inputs = CardInputs.from_results(
+        ctx.results,
+        run_id=ctx.run_id,
+        versions=ctx.versions,
+        repo_id=config.hub_repo_id,
+        license=config.license,
+        base_model=config.base_model,
+    )
+    return ctx.runner.run(
+        "publish",
+        cache_inputs(config, settings, store.uri),
+        lambda work: run_publish(config, settings, inputs, store, work.key, work.dir, ctx.progress),
+    )

@@ -14,15 +14,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from quant_release import textdata
+from quant_release import calibration, textdata
 from quant_release.config import QuantizationConfig
 from quant_release.hashing import digest_dir, fingerprint, tensor_shapes
 from quant_release.progress import Progress
 from quant_release.records import CalibrationInfo, ModelSource, QuantizedCheckpoint
-from quant_release.stage import StageRunner
+from quant_release.stage import RunContext, stage_task
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -36,32 +33,20 @@ TOKENIZER_FILES = (
 QUANT_CONFIGS = {"fp8": "FP8_DEFAULT_CFG"}
 
 
-def cache_inputs(
-    config: QuantizationConfig, calib_dataset: str, source: ModelSource, download_key: str, device: str
-) -> dict[str, Any]:
+def cache_inputs(config: QuantizationConfig, calib_dataset: str, source: ModelSource, device: str) -> dict[str, Any]:
     return {
-        "download": download_key,
         "source_fingerprint": source.fingerprint,
         **config.model_dump(exclude={"calib_dataset"}),
         "calib_dataset": calib_dataset,
         "device": device,
-        "modelopt": importlib.metadata.version("nvidia-modelopt"),
-        "transformers": importlib.metadata.version("transformers"),
     }
 
 
 def calibration_windows(
     calib_dataset: str, encode: Any, config: QuantizationConfig, separator: list[int]
 ) -> list[list[int]]:
-    """Token windows of `calib_seq_len` from the calibration text (never from the held-out split)."""
-    if calib_dataset == "cnn_dailymail":
-        # Articles are ~800 tokens; ask for enough of them to fill every window.
-        articles = textdata.cnn_dailymail_articles(max(config.calib_samples, 1) * 2)
-        documents = articles
-    elif calib_dataset == "python-docs":
-        documents = textdata.python_docs("calibration")
-    else:
-        raise ValueError(f"unknown calibration dataset {calib_dataset!r}")
+    """Token windows of `calib_seq_len` from a registered calibration source (quant_release/calibration/)."""
+    documents = calibration.source(calib_dataset).documents(config.calib_samples)
     return textdata.token_windows(
         documents, encode, config.calib_samples, config.calib_seq_len, config.seed, separator=separator
     )
@@ -125,14 +110,13 @@ def run_quantize(
     )
 
 
-@task(name="quantize", cache_policy=NO_CACHE, persist_result=False)
-def quantize_task(
-    runner: StageRunner, config: QuantizationConfig, calib_dataset: str, source: ModelSource, device: str
-) -> QuantizedCheckpoint:
-    inputs = cache_inputs(config, calib_dataset, source, runner.keys["download"], device)
-    return runner.run(
+@stage_task("quantize")
+def quantize_task(ctx: RunContext) -> QuantizedCheckpoint:
+    config = ctx.config.quantization
+    source = ctx.results.get(ModelSource)
+    calib_dataset, device = ctx.preflight.calib_dataset, ctx.preflight.device
+    return ctx.runner.run(
         "quantize",
-        inputs,
-        QuantizedCheckpoint,
-        lambda out: run_quantize(config, calib_dataset, source, device, out, runner.progress),
+        cache_inputs(config, calib_dataset, source, device),
+        lambda work: run_quantize(config, calib_dataset, source, device, work.dir, ctx.progress),
     )

@@ -18,16 +18,12 @@ import torch
 
 from quant_release.engines.base import BenchmarkWorkload, StepCallback
 from quant_release.engines.fp8 import CheckpointError, load_fp8_model, read_quant_config, resolve_gemm
-from quant_release.errors import EngineUnavailableError
+from quant_release.environment import resolved_device
 from quant_release.records import EngineHandle, ThroughputMeasurement, Variant
 
 
 def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise EngineUnavailableError("device=cuda was requested but PyTorch sees no CUDA GPU")
-        return torch.device("cuda")
-    return torch.device("cpu")
+    return torch.device(resolved_device(requested))
 
 
 def describe_device(device: torch.device) -> str:

@@ -19,10 +19,10 @@ from huggingface_hub import constants as hf_constants
 
 from quant_release.config import DEFAULT_MODEL, Settings, SourceConfig
 from quant_release.errors import ConfigError, UnsupportedModelError
-from quant_release.hashing import digest_dir, fingerprint
+from quant_release.hashing import FileDigest, digest_dir, fingerprint
 from quant_release.progress import Progress
-from quant_release.records import FileDigest
-from tasks.download import CheckedSource, check_source, run_download
+from quant_release.records import CheckedSource
+from tasks.download import check_source, run_download
 from tests.support.hub_fixtures import HubServer
 from tests.support.stage_fixtures import HubClient
 
@@ -311,9 +311,38 @@ def test_gguf_llama_written_by_hand_passes(tmp_path: Path) -> None:
     assert checked.identity == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_gguf_header_reader_agrees_with_the_gguf_package(tmp_path: Path) -> None:
+    """Our header-only reader returns what gguf's full reader does, past arrays of every kind of value."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFWriter
+
+    from tasks.download import GGUF_KEYS, _gguf_metadata, resolve_pypi_file
+
+    path = tmp_path / "mixed.gguf"
+    writer = GGUFWriter(str(path), arch="llama")
+    writer.add_array("tokenizer.ggml.tokens", ["<s>", "é", "hello world"])  # strings before the wanted keys
+    writer.add_array("tokenizer.ggml.scores", [0.5, -1.25, 3.0])
+    writer.add_uint32("llama.context_length", 2048)
+    writer.add_bool("tokenizer.ggml.add_bos_token", True)
+    writer.add_name("mixed-llama")
+    writer.add_license("apache-2.0")
+    writer.add_string("general.base_model.0.repo_url", "https://huggingface.co/org/base")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for gguf_file in (path, resolve_pypi_file(DEFAULT_MODEL)):
+        reader = GGUFReader(str(gguf_file))
+        expected = {key: reader.fields[key].contents() for key in GGUF_KEYS if key in reader.fields}
+        assert _gguf_metadata(gguf_file) == expected
+    assert _gguf_metadata(path)["general.base_model.0.repo_url"] == "https://huggingface.co/org/base"
+
+
 @pytest.mark.parametrize(
     ("name", "content", "phrase"),
     [
+        ("truncated.gguf", b"GGUF\x03\x00\x00\x00" + b"\x01" * 12, "not a readable GGUF file"),
         ("x.gguf", b"PK\x03\x04 this is a zip, not a GGUF file" * 8, "not a readable GGUF file"),
         ("empty.gguf", b"", "not a readable GGUF file"),
         ("missing.gguf", None, "does not exist"),

@@ -288,10 +288,19 @@ def test_single_stage_command_reruns_only_what_changed(
 
 
 def test_bad_input_fails_in_preflight_before_any_run(setup: FlowSetup, first: Invocation) -> None:
-    def flow_run_count() -> int:
-        return int(_post_json(f"{setup.prefect.api_url}/flow_runs/count", {}))
+    """Preflight runs once, inside the flow: the flow run fails at once, before MLflow or any stage sees it."""
+    from mlflow.tracking import MlflowClient
 
-    before = flow_run_count()
+    client = MlflowClient(tracking_uri=setup.mlflow.tracking_uri)
+
+    def mlflow_run_count() -> int:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        return len(client.search_runs(experiments, max_results=1000))
+
+    def flow_runs() -> list[dict[str, Any]]:
+        return list(_post_json(f"{setup.prefect.api_url}/flow_runs/filter", {"sort": "EXPECTED_START_TIME_DESC"}))
+
+    before, mlflow_before = len(flow_runs()), mlflow_run_count()
     summary_path = setup.work / "bad-summary.json"
     argv = [
         CLI, "run", "--model", str(setup.model), *SMALL_RUN, "--mmlu-subjects", "abstract_algebr",
@@ -306,7 +315,11 @@ def test_bad_input_fails_in_preflight_before_any_run(setup: FlowSetup, first: In
     ]
     assert result.stdout == ""
     assert not summary_path.exists()
-    assert flow_run_count() == before
+    runs = flow_runs()
+    assert len(runs) == before + 1  # the flow run that preflight stopped
+    assert runs[0]["state_type"] == "FAILED"
+    assert _task_runs(setup, runs[0]["id"]) == []
+    assert mlflow_run_count() == mlflow_before
 
 
 def test_failing_stage_is_recorded_everywhere(setup: FlowSetup, first: Invocation, evaluate_only: Invocation) -> None:

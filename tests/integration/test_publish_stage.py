@@ -31,11 +31,12 @@ from quant_release.records import (
     ModelSource,
     QuantizedCheckpoint,
     Release,
+    Results,
     ThroughputMeasurement,
     ThroughputResult,
 )
 from quant_release.storage import MANIFEST_NAME, Manifest, open_store
-from tasks.publish import PublishInputs, check_publish, run_publish
+from tasks.publish import check_publish, run_publish
 from tests.support.hub_fixtures import HubServer
 from tests.support.servers import S3Server
 from tests.support.stage_fixtures import HubClient
@@ -164,13 +165,16 @@ def _throughput() -> ThroughputResult:
 
 
 @pytest.fixture
-def inputs(tiny_llama: Path, tiny_fp8: Path, tmp_path: Path) -> PublishInputs:
-    return PublishInputs(
-        source=_source(tiny_llama),
-        checkpoint=_checkpoint(tiny_fp8),
-        engines=_engines(tiny_llama, tiny_fp8),
-        mmlu=_mmlu(tmp_path),
-        throughput=_throughput(),
+def inputs(tiny_llama: Path, tiny_fp8: Path, tmp_path: Path) -> Results:
+    """The records of the stages before publish, as the flow hands them over."""
+    return Results(
+        [
+            _source(tiny_llama),
+            _checkpoint(tiny_fp8),
+            _engines(tiny_llama, tiny_fp8),
+            _mmlu(tmp_path),
+            _throughput(),
+        ]
     )
 
 
@@ -179,12 +183,18 @@ def _settings(hub: HubServer, tmp_path: Path, token: str | None = None) -> Setti
 
 
 def _publish(
-    config: PublishConfig, settings: Settings, inputs: PublishInputs, store_uri: str, key: str, out: Path
+    config: PublishConfig, settings: Settings, inputs: Results, store_uri: str, key: str, out: Path
 ) -> Release:
     out.mkdir(parents=True, exist_ok=True)
-    return run_publish(
-        config, settings, inputs, RUN_ID, VERSIONS, open_store(store_uri), key, out, Progress(enabled=False)
+    card = modelcard.CardInputs.from_results(
+        inputs,
+        run_id=RUN_ID,
+        versions=VERSIONS,
+        repo_id=config.hub_repo_id,
+        license=config.license,
+        base_model=config.base_model,
     )
+    return run_publish(config, settings, card, open_store(store_uri), key, out, Progress(enabled=False))
 
 
 def _repo_count(hub: HubServer) -> int:
@@ -214,7 +224,7 @@ def test_publish_stores_the_folder_in_s3_and_pushes_one_commit_to_the_hub(
     s3_server: S3Server,
     s3_bucket: str,
     s3_env: dict[str, str],
-    inputs: PublishInputs,
+    inputs: Results,
     tmp_path: Path,
 ) -> None:
     hub = hub_client.server
@@ -236,10 +246,13 @@ def test_publish_stores_the_folder_in_s3_and_pushes_one_commit_to_the_hub(
     assert release.hub_repo_id == repo_id
     assert release.hub_url == f"{hub.endpoint}/{repo_id}"
     local = {f.path: f for f in release.files}
-    checkpoint_names = {p.name for p in inputs.checkpoint.checkpoint_dir.iterdir() if p.is_file()}
+    checkpoint_names = {p.name for p in inputs.get(QuantizedCheckpoint).checkpoint_dir.iterdir() if p.is_file()}
     assert set(local) == checkpoint_names | {"README.md"}
     for name in checkpoint_names:  # the checkpoint goes out unchanged
-        assert local[name].sha256 == hashlib.sha256((inputs.checkpoint.checkpoint_dir / name).read_bytes()).hexdigest()
+        assert (
+            local[name].sha256
+            == hashlib.sha256((inputs.get(QuantizedCheckpoint).checkpoint_dir / name).read_bytes()).hexdigest()
+        )
 
     # --- the card: front matter with the MMLU values exactly as recorded
     card = (folder / "README.md").read_text()
@@ -268,8 +281,8 @@ def test_publish_stores_the_folder_in_s3_and_pushes_one_commit_to_the_hub(
     assert hub_card.read_text() == card
     hub_meta = modelcard.parse_front_matter(hub_card.read_text())
     hub_metrics = hub_meta["model-index"][0]["results"][0]["metrics"]
-    assert hub_metrics[0]["value"] == inputs.mmlu.fp8.accuracy  # type: ignore[union-attr]
-    assert hub_metrics[1]["value"] == inputs.mmlu.bf16.accuracy  # type: ignore[union-attr]
+    assert hub_metrics[0]["value"] == inputs.get(MmluResult).fp8.accuracy
+    assert hub_metrics[1]["value"] == inputs.get(MmluResult).bf16.accuracy
     weights = Path(
         hf_hub_download(
             repo_id, "model.safetensors", revision=release.hub_revision, endpoint=hub.endpoint, token=hub.token
@@ -290,7 +303,7 @@ def test_publish_stores_the_folder_in_s3_and_pushes_one_commit_to_the_hub(
 
 
 def test_publish_without_push_only_stores(
-    s3_server: S3Server, s3_bucket: str, s3_env: dict[str, str], inputs: PublishInputs, tmp_path: Path
+    s3_server: S3Server, s3_bucket: str, s3_env: dict[str, str], inputs: Results, tmp_path: Path
 ) -> None:
     settings = Settings(state_dir=tmp_path / "state", hf_endpoint="http://127.0.0.1:9", hf_token=None)
     release = _publish(PublishConfig(), settings, inputs, f"s3://{s3_bucket}", "nopush", tmp_path / "out")
@@ -371,7 +384,7 @@ def card_tags_as_string(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("card_tags_as_string")
 def test_card_rejected_by_the_hub_fails_publish_and_pushes_nothing(
-    hub_client: HubClient, s3_bucket: str, s3_env: dict[str, str], inputs: PublishInputs, tmp_path: Path
+    hub_client: HubClient, s3_bucket: str, s3_env: dict[str, str], inputs: Results, tmp_path: Path
 ) -> None:
     hub = hub_client.server
     repo_id = hub.new_repo_id("bad-card")
@@ -391,7 +404,7 @@ def test_card_rejected_by_the_hub_stores_nothing(
     s3_server: S3Server,
     s3_bucket: str,
     s3_env: dict[str, str],
-    inputs: PublishInputs,
+    inputs: Results,
     tmp_path: Path,
 ) -> None:
     """Regression: the card used to be validated only after the folder and its manifest were in the store."""
@@ -403,7 +416,7 @@ def test_card_rejected_by_the_hub_stores_nothing(
 
 
 def test_republish_to_an_existing_repo_leaves_exactly_the_release(
-    hub_client: HubClient, s3_bucket: str, s3_env: dict[str, str], inputs: PublishInputs, tmp_path: Path
+    hub_client: HubClient, s3_bucket: str, s3_env: dict[str, str], inputs: Results, tmp_path: Path
 ) -> None:
     """Regression: upload_folder without delete_patterns left an earlier release's files (old shards) in place."""
     hub = hub_client.server

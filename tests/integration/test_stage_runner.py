@@ -1,7 +1,8 @@
 """StageRunner with a real StageStore on disk and a Tracker on the real MLflow server.
 
-A toy record and `produce` functions stand in for a stage, so what is tested is the runner itself:
-completed → cached → rerun, atomic results, failures, and refusing to run without upstream results.
+A toy stage table, record and `produce` functions stand in for a stage, so what is tested is the runner
+itself: completed → cached → rerun, atomic results, failures, refusing to run without upstream results,
+and the keys it derives from the table (upstream keys, code versions).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import pytest
 from quant_release.errors import MissingUpstreamError
 from quant_release.progress import Progress
 from quant_release.records import Record
-from quant_release.stage import StageRunner
+from quant_release.stage import StageRunner, StageWork
+from quant_release.stages import Stage, code_version
 from quant_release.state import StageStore, cache_key
 from quant_release.tracking import Tracker
 from tests.support.servers import MlflowServer
@@ -25,7 +27,7 @@ from tests.support.stage_fixtures import new_experiment_name, s3_keys
 pytestmark = pytest.mark.integration
 
 STAGE = "quantize"
-INPUTS = {"download": "abc123", "calib_samples": 4, "calib_seq_len": 32, "nested": {"seed": 0}}
+INPUTS = {"calib_samples": 4, "calib_seq_len": 32, "nested": {"seed": 0}}
 
 
 class ToyRecord(Record):
@@ -34,6 +36,16 @@ class ToyRecord(Record):
 
     def metrics(self) -> dict[str, float]:
         return {"toy/value": float(self.value)}
+
+
+class UpstreamRecord(Record):
+    value: int
+
+
+TOY_TABLE = (
+    Stage(name="download", help="toy upstream", record=UpstreamRecord),
+    Stage(name=STAGE, help="toy stage", record=ToyRecord, needs=("download",), sources=("tests.support.tiny",)),
+)
 
 
 class Produce:
@@ -46,7 +58,8 @@ class Produce:
         self.calls = 0
         self.work_dirs: list[Path] = []
 
-    def __call__(self, work: Path) -> ToyRecord:
+    def __call__(self, stage_work: StageWork) -> ToyRecord:
+        work = stage_work.dir
         self.calls += 1
         self.work_dirs.append(work)
         (work / "weights.bin").write_bytes(bytes([self.value]) * 64)
@@ -59,7 +72,28 @@ class Produce:
 
 def _runner(store: StageStore, tracker: Tracker, *, selected: set[str], rerun: set[str] | None = None) -> StageRunner:
     return StageRunner(
-        store=store, tracker=tracker, progress=Progress(enabled=False), selected=selected, rerun=rerun or set()
+        store=store,
+        tracker=tracker,
+        progress=Progress(enabled=False),
+        selected=selected,
+        rerun=rerun or set(),
+        table=TOY_TABLE,
+    )
+
+
+def _key(inputs: dict[str, Any] = INPUTS) -> str:
+    """The key the runner derives: no upstream has run in these tests, the toy table's code version."""
+    return cache_key(STAGE, _runner_for_keys().key_inputs(STAGE, inputs))
+
+
+def _runner_for_keys() -> StageRunner:
+    return StageRunner(
+        store=None,  # type: ignore[arg-type]  # key_inputs touches neither store nor tracker
+        tracker=None,  # type: ignore[arg-type]
+        progress=Progress(enabled=False),
+        selected=set(),
+        rerun=set(),
+        table=TOY_TABLE,
     )
 
 
@@ -93,13 +127,13 @@ def _leftovers(store: StageStore) -> list[str]:
 def test_completed_then_cached_then_rerun(
     store: StageStore, tracker: Tracker, mlflow_client: Any, mlflow_server: MlflowServer
 ) -> None:
-    key = cache_key(STAGE, INPUTS)
+    key = _key()
     result_dir = store.result_dir(STAGE, key)
 
     # 1. First run: produced, committed, tracked.
     first = Produce(7)
     runner = _runner(store, tracker, selected={STAGE})
-    record = runner.run(STAGE, INPUTS, ToyRecord, first)
+    record = runner.run(STAGE, INPUTS, first)
     assert first.calls == 1
     assert record.value == 7
     assert record.output == result_dir / "weights.bin"  # relocated out of the work dir
@@ -128,7 +162,7 @@ def test_completed_then_cached_then_rerun(
     # 2. Same inputs, a new runner (a new process would look the same): cached, produce never called.
     never = Produce(99, fail=AssertionError("produce must not run for a cached stage"))
     runner = _runner(store, tracker, selected={STAGE})
-    cached = runner.run(STAGE, INPUTS, ToyRecord, never)
+    cached = runner.run(STAGE, INPUTS, never)
     assert never.calls == 0
     assert cached == record
     assert runner.reports[STAGE].status == "cached"
@@ -139,9 +173,9 @@ def test_completed_then_cached_then_rerun(
     # Other inputs give another key: produced again, the first result untouched.
     other = Produce(8)
     other_inputs = {**INPUTS, "calib_samples": 8}
-    _runner(store, tracker, selected={STAGE}).run(STAGE, other_inputs, ToyRecord, other)
+    _runner(store, tracker, selected={STAGE}).run(STAGE, other_inputs, other)
     assert other.calls == 1
-    assert store.result_dir(STAGE, cache_key(STAGE, other_inputs)) != result_dir
+    assert store.result_dir(STAGE, _key(other_inputs)) != result_dir
     assert (result_dir / "weights.bin").read_bytes() == bytes([7]) * 64
 
     # 3. --rerun: produced again; while it runs the old result is still in place, after it the new one is.
@@ -152,7 +186,7 @@ def test_completed_then_cached_then_rerun(
 
     again = Produce(9, check=old_result_still_there)
     runner = _runner(store, tracker, selected={STAGE}, rerun={STAGE})
-    rerun_record = runner.run(STAGE, INPUTS, ToyRecord, again)
+    rerun_record = runner.run(STAGE, INPUTS, again)
     assert again.calls == 1
     assert runner.reports[STAGE].status == "completed"
     assert rerun_record.value == 9
@@ -166,11 +200,11 @@ def test_completed_then_cached_then_rerun(
 
 
 def test_failed_rerun_keeps_the_previous_result(store: StageStore, tracker: Tracker) -> None:
-    key = cache_key(STAGE, INPUTS)
-    _runner(store, tracker, selected={STAGE}).run(STAGE, INPUTS, ToyRecord, Produce(7))
+    key = _key()
+    _runner(store, tracker, selected={STAGE}).run(STAGE, INPUTS, Produce(7))
     runner = _runner(store, tracker, selected={STAGE}, rerun={STAGE})
     with pytest.raises(RuntimeError, match="out of memory"):
-        runner.run(STAGE, INPUTS, ToyRecord, Produce(9, fail=RuntimeError("CUDA out of memory")))
+        runner.run(STAGE, INPUTS, Produce(9, fail=RuntimeError("CUDA out of memory")))
     assert runner.reports[STAGE].status == "failed"
     assert _leftovers(store) == []
     kept = store.load(STAGE, key, ToyRecord)
@@ -185,11 +219,11 @@ def test_failing_produce_leaves_nothing_and_is_reported(
     produce = Produce(5, fail=error)
     runner = _runner(store, tracker, selected={STAGE})
     with pytest.raises(RuntimeError) as caught:
-        runner.run(STAGE, INPUTS, ToyRecord, produce)
+        runner.run(STAGE, INPUTS, produce)
     assert caught.value is error  # the stage's own exception propagates, unwrapped
     assert produce.calls == 1
     assert not produce.work_dirs[0].exists()
-    key = cache_key(STAGE, INPUTS)
+    key = _key()
     assert not store.result_dir(STAGE, key).exists()
     assert store.load(STAGE, key, ToyRecord) is None
     assert _leftovers(store) == []
@@ -211,7 +245,7 @@ def test_failing_produce_leaves_nothing_and_is_reported(
     # The next run does not mistake the failure for a result: it produces.
     retry = Produce(5)
     runner = _runner(store, tracker, selected={STAGE})
-    assert runner.run(STAGE, INPUTS, ToyRecord, retry).value == 5
+    assert runner.run(STAGE, INPUTS, retry).value == 5
     assert retry.calls == 1
     assert runner.reports[STAGE].status == "completed"
 
@@ -223,7 +257,7 @@ def test_unselected_stage_without_result_stops_before_tracking(
     produce = Produce(1)
     runner = _runner(store, tracker, selected={"evaluate"})
     with pytest.raises(MissingUpstreamError) as caught:
-        runner.run(STAGE, INPUTS, ToyRecord, produce)
+        runner.run(STAGE, INPUTS, produce)
     assert "quant-release quantize" in str(caught.value)
     assert caught.value.exit_code == 3
     assert produce.calls == 0
@@ -235,20 +269,47 @@ def test_unselected_stage_without_result_stops_before_tracking(
     assert not (store.root / "stages" / STAGE).exists()
 
     # Once a selected run produced it, the unselected stage is read back as cached.
-    _runner(store, tracker, selected={STAGE}).run(STAGE, INPUTS, ToyRecord, Produce(3))
+    _runner(store, tracker, selected={STAGE}).run(STAGE, INPUTS, Produce(3))
     runner = _runner(store, tracker, selected={"evaluate"})
-    assert runner.run(STAGE, INPUTS, ToyRecord, produce).value == 3
+    assert runner.run(STAGE, INPUTS, produce).value == 3
     assert produce.calls == 0
     assert runner.reports[STAGE].status == "cached"
 
 
 def test_unreadable_record_is_not_trusted(store: StageStore, tracker: Tracker) -> None:
-    key = cache_key(STAGE, INPUTS)
-    _runner(store, tracker, selected={STAGE}).run(STAGE, INPUTS, ToyRecord, Produce(7))
+    key = _key()
+    _runner(store, tracker, selected={STAGE}).run(STAGE, INPUTS, Produce(7))
     (store.result_dir(STAGE, key) / "record.json").write_text('{"output": "x", "value": "not a number"}')
     produce = Produce(11)
     runner = _runner(store, tracker, selected={STAGE})
-    assert runner.run(STAGE, INPUTS, ToyRecord, produce).value == 11
+    assert runner.run(STAGE, INPUTS, produce).value == 11
     assert produce.calls == 1
     assert runner.reports[STAGE].status == "completed"
     assert _leftovers(store) == []
+
+
+def test_key_adds_the_upstream_keys_and_the_code_version(
+    store: StageStore, tracker: Tracker, mlflow_client: Any
+) -> None:
+    """Tasks state only their own inputs; the runner adds what the stage table says shapes the result."""
+    runner = _runner(store, tracker, selected={"download", STAGE})
+    runner.run("download", {"source": "a"}, lambda _work: UpstreamRecord(value=1))
+    runner.run(STAGE, INPUTS, Produce(1))
+    report = runner.reports[STAGE]
+    code = code_version(TOY_TABLE[1], None)
+    assert report.cache_key == cache_key(
+        STAGE, {**INPUTS, "upstream": {"download": runner.keys["download"]}, "code": code}
+    )
+    assert set(code["packages"]) == set()  # the toy stage names no packages
+    params = mlflow_client.get_run(report.mlflow_run_id).data.params
+    assert params["upstream.download"] == runner.keys["download"]
+    assert params["code.source"] == code["source"]
+    assert params["calib_samples"] == "4"
+
+    # Another upstream result: the stage's key changes with it, so it is produced again.
+    again = _runner(store, tracker, selected={"download", STAGE})
+    again.run("download", {"source": "b"}, lambda _work: UpstreamRecord(value=2))
+    produce = Produce(2)
+    again.run(STAGE, INPUTS, produce)
+    assert produce.calls == 1
+    assert again.reports[STAGE].cache_key != report.cache_key

@@ -12,9 +12,9 @@ import torch
 
 from quant_release.engines.base import BenchmarkWorkload
 from quant_release.engines.builtin import BuiltinBackend, BuiltinEngine, _percentile
+from quant_release.engines.pool import EnginePool
 from quant_release.errors import QuantReleaseError
 from quant_release.records import EngineHandle
-from quant_release.stage import EnginePool
 from tests.support.tiny import VOCAB, make_tiny_llama
 
 SHARED = (

@@ -277,6 +277,17 @@ def test_mlflow_uri_credentials_are_not_printed(cli: Env) -> None:
     assert "s3cr3t-pw" not in result.stderr
 
 
+# --- the engine -----------------------------------------------------------------------------------
+
+
+def test_cuda_on_a_machine_without_one_is_exit_4(cli: Env) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    assert_bad_input(cli.run("run", "--device", "cuda"), "device=cuda", code=4)
+
+
 # --- help -----------------------------------------------------------------------------------------
 
 

@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 
 from quant_release import modelcard
+from quant_release.hashing import FileDigest
 from quant_release.mmlu import CATEGORY_TITLES
 from quant_release.records import (
     CalibrationInfo,
     EngineHandle,
     Engines,
-    FileDigest,
     MmluResult,
     MmluScores,
     ModelSource,

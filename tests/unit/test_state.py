@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 
-from quant_release.records import FileDigest, ModelSource
-from quant_release.state import StageStore, cache_key, write_text_atomic
+from quant_release.atomic import write_text_atomic
+from quant_release.hashing import FileDigest
+from quant_release.records import ModelSource
+from quant_release.state import StageStore, cache_key
 
 INPUTS: dict[str, Any] = {
     "download": "abc123",
@@ -38,7 +40,9 @@ def _record(model_dir: Path, files: list[str] | None = None) -> ModelSource:
 
 
 def _leftovers(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.name.startswith((".partial-", ".old-")) or p.name.endswith(".tmp")]
+    return [
+        p for p in root.rglob("*") if p.name.startswith((".partial-", ".old-", ".qr-")) or p.name.endswith(".partial")
+    ]
 
 
 # --- cache_key ------------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from quant_release.config import STAGES, ReleaseConfig
+from quant_release.config import ReleaseConfig
 from quant_release.errors import ConfigError, MissingUpstreamError
-from quant_release.records import Release, StageReport
+from quant_release.records import Record, Release, Results, StageReport
+from quant_release.stages import STAGES
 from quant_release.summary import RunSummary, build_summary, summary_table
 from tests.unit.test_modelcard import _checkpoint, _engines, _mmlu, _source, _throughput
 
@@ -32,6 +33,7 @@ def _release() -> Release:
 
 
 def _records() -> dict[str, Any]:
+    """By stage name, for the tests to read; the summary gets them as `Results`."""
     return {
         "download": _source("hub"),
         "quantize": _checkpoint(),
@@ -59,7 +61,7 @@ def _summary(
         config=ReleaseConfig.model_validate({"source": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct"}}),
         checked_revision="checked-commit",
         reports=_reports() if reports is None else reports,
-        records=_records() if records is None else records,
+        results=Results(list[Record]((_records() if records is None else records).values())),
         tracking_uri=TRACKING_URI,
         mlflow_run_id=MLFLOW_RUN_ID,
         versions={"python": "3.11.7", "torch": "2.13.0"},
@@ -199,10 +201,12 @@ def test_table_shows_each_stage_status_and_the_metrics() -> None:
         f"{100 * records['evaluate'].bf16.accuracy:.2f}%",
         f"{100 * records['evaluate'].fp8.accuracy:.2f}%",
     ]
-    tok_line = next(line for line in lines if line.startswith("output tokens/s"))
+    tok_line = next(line for line in lines if line.startswith("Output tokens/s"))
     assert tok_line.split()[-2:] == ["1234.6", "2071.0"]
     speedup_line = next(line for line in lines if line.startswith("FP8 speedup"))
     assert speedup_line.split()[-1] == f"{records['benchmark'].fp8_speedup:.2f}x"
+    agreement_line = next(line for line in lines if line.startswith("Next-token agreement"))
+    assert agreement_line.split()[-1] == f"{100 * records['build'].top1_agreement:.2f}%"
     assert "device:   NVIDIA H100 80GB HBM3" in lines
     assert f"card:     {records['publish'].model_card}" in lines
     assert "stored:   s3://bucket/releases/k" in lines
@@ -221,7 +225,7 @@ def test_table_of_a_failed_run_shows_dashes_and_the_error() -> None:
     assert lines[0].endswith(": failed in 1:02:03")
     assert any(line.split() == ["quantize", "failed", "0:01:05"] for line in lines)
     assert next(line for line in lines if line.startswith("MMLU accuracy")).split()[-2:] == ["-", "-"]
-    assert next(line for line in lines if line.startswith("output tokens/s")).split()[-2:] == ["-", "-"]
+    assert next(line for line in lines if line.startswith("Output tokens/s")).split()[-2:] == ["-", "-"]
     assert next(line for line in lines if line.startswith("FP8 speedup")).split()[-1] == "-"
     assert lines[-1] == "error:    RuntimeError: boom"
     assert not any(line.startswith(("card:", "hub:", "stored:")) for line in lines)

@@ -1,13 +1,10 @@
-"""Calibration/probe text: the held-out split, token windows, fingerprints, resolving `auto`."""
+"""Calibration and probe text: the held-out split, token windows, fingerprints."""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 
 from quant_release import textdata
-from tests.support.process import free_port
 
 
 def _encode(text: str) -> list[int]:
@@ -136,62 +133,3 @@ def test_fingerprint_tokens_sees_window_boundaries_and_order() -> None:
     assert textdata.fingerprint_tokens([[1, 2, 3], [4, 5, 6, 7, 8]]) != base
     assert textdata.fingerprint_tokens([[5, 6, 7, 8], [1, 2, 3, 4]]) != base
     assert textdata.fingerprint_tokens([[1, 2, 3, 4]]) != base
-
-
-# --- resolve_calibration_dataset -------------------------------------------------------------------
-
-
-def _clear_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-
-
-def test_auto_is_python_docs_when_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    _clear_offline(monkeypatch)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    calls: list[str] = []
-
-    def never(*args: object, **kwargs: object) -> None:
-        calls.append("called")
-        raise AssertionError("no Hub call when offline")
-
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", never)
-    assert textdata.resolve_calibration_dataset("auto", "https://huggingface.co") == "python-docs"
-    assert calls == []
-
-
-def test_auto_is_python_docs_when_datasets_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    _clear_offline(monkeypatch)
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    assert textdata.resolve_calibration_dataset("auto", f"http://127.0.0.1:{free_port()}") == "python-docs"
-
-
-def test_auto_is_python_docs_when_endpoint_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
-    _clear_offline(monkeypatch)
-    start = time.monotonic()
-    assert textdata.resolve_calibration_dataset("auto", f"http://127.0.0.1:{free_port()}") == "python-docs"
-    assert time.monotonic() - start < 20  # a refused connection is not waited on for minutes
-
-
-def test_auto_is_cnn_dailymail_when_the_hub_answers(monkeypatch: pytest.MonkeyPatch) -> None:
-    _clear_offline(monkeypatch)
-    seen: list[tuple[str, str]] = []
-
-    import huggingface_hub
-
-    def answer(self: huggingface_hub.HfApi, repo_id: str, **kwargs: object) -> object:
-        seen.append((self.endpoint, repo_id))
-        return object()
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", answer)
-    assert textdata.resolve_calibration_dataset("auto", "http://hub.example") == "cnn_dailymail"
-    assert seen == [("http://hub.example", "abisee/cnn_dailymail")]
-
-
-@pytest.mark.parametrize("name", ["python-docs", "cnn_dailymail"])
-def test_explicit_dataset_is_returned_unchanged(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    _clear_offline(monkeypatch)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # even offline: an explicit choice is not second-guessed
-    assert textdata.resolve_calibration_dataset(name, f"http://127.0.0.1:{free_port()}") == name

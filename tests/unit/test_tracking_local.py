@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from quant_release.errors import ConfigError
-from quant_release.tracking import Tracker, check_tracking_uri, flatten, redact
+from quant_release.errors import ConfigError, redact
+from quant_release.tracking import Tracker, check_tracking_uri, flatten
 
 SECRET = "pa55-w0rd-9f3e"
 

@@ -1,0 +1,224 @@
+"""The release pipeline: preflight, then the stages of quant_release/stages.py, in table order.
+
+Orchestration only: each stage's work lives in tasks/<stage>.py. Before any stage runs, `preflight`
+asks every cheap question that could fail the run later (source exists and is a Llama, tokens valid,
+stores reachable, MMLU subjects known), so bad input costs seconds, not GPU hours.
+
+`run_release` is the body of the Prefect flow (flows/release.py) and runs the same two ways: inside that
+flow (a deployment, or the CLI with PREFECT_API_URL set), where each stage is a Prefect task run; or
+called directly by the CLI without a Prefect server, where each stage is its task's plain function and
+prefect is never imported. `_call` is the one place that tells the two apart.
+"""
+
+from __future__ import annotations
+
+import importlib
+import secrets
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TypeVar
+
+from quant_release import calibration
+from quant_release import mmlu as mmlu_data
+from quant_release.atomic import write_text_atomic
+from quant_release.config import ReleaseConfig, Settings
+from quant_release.engines import check_available
+from quant_release.environment import package_versions, resolved_device
+from quant_release.errors import redact
+from quant_release.progress import Progress
+from quant_release.records import Record, StageReport
+from quant_release.stage import Preflight, RunContext, StageRunner, StageTask
+from quant_release.stages import STAGE_TABLE, STAGES, StageName, enabled, needed_stages
+from quant_release.state import StageStore
+from quant_release.storage import ArtifactStore, open_store
+from quant_release.summary import RunSummary, build_summary, summary_table
+from quant_release.tracking import Tracker, check_tracking_uri
+from tasks.download import check_source
+from tasks.publish import check_publish
+
+R = TypeVar("R", bound=Record)
+
+# tasks/<stage>.py defines <stage>_task(ctx: RunContext) -> the stage's record (quant_release/stages.py).
+TASKS: dict[StageName, StageTask[Record]] = {
+    spec.name: getattr(importlib.import_module(f"tasks.{spec.name}"), f"{spec.name}_task") for spec in STAGE_TABLE
+}
+
+
+def new_run_id() -> str:
+    """Sortable and unique enough: UTC time plus 6 random hex digits, e.g. 20261126-231501-a3f9c2."""
+    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def preflight(config: ReleaseConfig, settings: Settings, progress: Progress) -> Preflight:
+    """Every check that is cheap and could otherwise fail the run late. Raises ConfigError."""
+    needed = needed_stages(config)
+    tracking_uri = settings.resolved_tracking_uri()
+    check_tracking_uri(tracking_uri)
+    store = open_store(settings.resolved_artifact_uri())
+    store.check_access()
+    checked = check_source(config.source, settings)
+    device = resolved_device(config.engine.device)
+    if any(spec.uses_engine for spec in STAGE_TABLE if spec.name in needed):
+        check_available(config.engine.kind, device)
+    dataset = None
+    if "evaluate" in needed:
+        dataset = mmlu_data.load_mmlu(config.mmlu.data)
+        mmlu_data.resolve_subjects(dataset, config.mmlu.subjects)
+    if "publish" in needed:
+        check_publish(config.publish, settings)
+    calib = config.quantization.calib_dataset
+    if "quantize" in needed:
+        calib = calibration.resolve(calib, settings.hf_endpoint)
+    progress.note("preflight", f"source {checked.kind} {checked.source}; device {device}; calibration {calib}")
+    return Preflight(
+        checked=checked,
+        calib_dataset=calib,
+        device=device,
+        store=store,
+        tracking_uri=tracking_uri,
+        mmlu_dataset=dataset,
+    )
+
+
+def run_release(config: ReleaseConfig, settings: Settings, run_id: str, progress: Progress) -> RunSummary:
+    """The run. Preflight first: a ConfigError leaves nothing behind (no MLflow run, no summary).
+    After it, STATE_DIR/runs/<run_id>/summary.json is written whether the run succeeds or not."""
+    started = time.monotonic()
+    versions = package_versions()
+    summary_path = run_dir(settings, run_id) / "summary.json"
+    pre = preflight(config, settings, progress)
+    tracker = Tracker(pre.tracking_uri, config.tracking.experiment, artifact_location=_local_artifacts(settings, pre))
+    parent_id = tracker.start(
+        run_name=config.tracking.run_name or run_id,
+        params=config.model_dump(mode="json", exclude={"stages", "rerun"}),
+        tags={
+            "quant_release.run_id": run_id,
+            "source": config.source.model,
+            "device": pre.device,
+            **{f"version.{k}": v for k, v in versions.items()},
+        },
+    )
+    runner = StageRunner(
+        store=StageStore(settings.state_dir),
+        tracker=tracker,
+        progress=progress,
+        selected=set(config.stages),
+        rerun=set(config.rerun),
+        engine=config.engine.kind,
+    )
+    ctx = RunContext(config=config, settings=settings, run_id=run_id, versions=versions, preflight=pre, runner=runner)
+    error: BaseException | None = None
+    try:
+        _run_stages(ctx)
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        for stage in STAGES:
+            runner.reports.setdefault(stage, StageReport(status="skipped"))
+        summary = build_summary(
+            run_id=run_id,
+            config=config,
+            checked_revision=pre.checked.commit or pre.checked.identity,
+            reports=runner.reports,
+            results=ctx.results,
+            tracking_uri=redact(pre.tracking_uri),
+            mlflow_run_id=parent_id,
+            versions=versions,
+            device=pre.device,
+            error=error,
+            seconds=time.monotonic() - started,
+        )
+        try:
+            _finish(summary, summary_path, tracker, pre.store, runner, error)
+        except Exception as finish_error:
+            if error is None:
+                raise
+            # A stage already failed: that is the error to report, not the follow-up failure to record it.
+            progress.note("summary", f"could not record the summary everywhere: {finish_error}")
+    return summary
+
+
+def _run_stages(ctx: RunContext) -> None:
+    """Each stage of the table in order: run when needed (a stage's upstream results are in ctx.results
+    by then), else reported as skipped. Loaded engines are freed once no later stage runs one."""
+    needed = needed_stages(ctx.config)
+    for position, spec in enumerate(STAGE_TABLE):
+        if spec.name not in needed:
+            reason = "not selected" if enabled(ctx.config, spec.name) else "switched off"
+            ctx.runner.skip(spec.name, reason)
+            continue
+        ctx.results.add(_call(TASKS[spec.name], ctx))
+        if not any(later.uses_engine and later.name in needed for later in STAGE_TABLE[position + 1 :]):
+            ctx.runner.engines.close()
+
+
+def _call(task: StageTask[R], ctx: RunContext) -> R:
+    """In a Prefect flow run a stage is a task run; called directly (no Prefect server), its plain function."""
+    return task(ctx) if in_flow_run() else task.fn(ctx)
+
+
+def in_flow_run() -> bool:
+    if "prefect" not in sys.modules:
+        return False  # nothing imported prefect, so no flow is running (and it stays unimported)
+    from prefect.context import FlowRunContext
+
+    return FlowRunContext.get() is not None
+
+
+def run_dir(settings: Settings, run_id: str) -> Path:
+    return settings.state_dir.resolve() / "runs" / run_id
+
+
+def _local_artifacts(settings: Settings, pre: Preflight) -> str | None:
+    """With the embedded sqlite store, MLflow would put artifacts in ./mlruns: keep them in the state dir."""
+    if pre.tracking_uri.startswith("sqlite:") or pre.tracking_uri.startswith("file:"):
+        return (settings.state_dir.resolve() / "mlflow-artifacts").as_uri()
+    return None
+
+
+def _finish(
+    summary: RunSummary,
+    summary_path: Path,
+    tracker: Tracker,
+    store: ArtifactStore,
+    runner: StageRunner,
+    error: BaseException | None,
+) -> None:
+    """Record the summary everywhere; a failure here must not hide the stage error that got us here."""
+    runner.engines.close()
+    text = summary.model_dump_json(indent=2)
+    write_text_atomic(summary_path, text)
+    try:
+        parent = tracker.parent_run_id
+        if parent:
+            tracker.log_metrics(parent, summary.parent_metrics)
+            tracker.log_text(parent, text, "summary.json")
+            tracker.log_text(parent, summary_table(summary), "summary.txt")
+        store.upload_file(summary_path, f"runs/{summary.run_id}/summary.json")
+        for spec in STAGE_TABLE:
+            report = summary.stages[spec.name]
+            if spec.stored_with_run and report.status in ("completed", "cached") and report.cache_key:
+                record_file = runner.store.result_dir(spec.name, report.cache_key) / "record.json"
+                store.upload_file(record_file, f"runs/{summary.run_id}/{spec.name}.json")
+        predictions = summary.artifacts.get("mmlu_predictions")
+        if predictions and parent:
+            tracker.log_artifact(parent, Path(predictions))
+        _prefect_artifact(summary)
+    finally:
+        tracker.finish("FAILED" if error else "FINISHED")
+
+
+def _prefect_artifact(summary: RunSummary) -> None:
+    """The summary table on the flow run's page in the Prefect UI."""
+    if not in_flow_run():
+        return  # run directly: there is no flow run page
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(
+        markdown=f"```\n{summary_table(summary)}\n```",
+        key="release-summary",
+        description=f"quant-release run {summary.run_id}",
+    )

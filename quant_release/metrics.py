@@ -1,0 +1,244 @@
+"""The metric vocabulary: every number a run reports, defined once.
+
+Each `Metric` names its canonical key (what MLflow logs, e.g. `mmlu/fp8`), the record it is read from and
+how, and where else it appears: its `--summary-json` key, a row of the headline table (printed at the end
+of a run, at the top of the model card and as the Prefect artifact), the card's `model-index`. Records
+produce their metrics through this table (`Record.metrics()`), and the summary, MLflow's parent run, the
+closing table, the card and the Prefect artifact all read from it, so a new metric is one entry here
+(plus, if it is a new measurement, the record field it reads).
+
+Keys are stable: dashboards and MLflow's compare view rely on them. Summary keys are a contract of
+`--summary-json`: add, never rename.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+from quant_release.records import (
+    Engines,
+    MmluResult,
+    ModelSource,
+    QuantizedCheckpoint,
+    Record,
+    ThroughputMeasurement,
+    ThroughputResult,
+    safetensors_bytes,
+)
+
+R = TypeVar("R", bound=Record)
+Column = Literal["bf16", "fp8"]
+
+
+@dataclass(frozen=True)
+class Metric(Generic[R]):
+    key: str  # canonical: the MLflow key
+    record: type[R]
+    value: Callable[[R], float]
+    label: str  # what a reader sees next to the number
+    fmt: str = ".4g"  # format spec of the number
+    suffix: str = ""  # after the formatted number, e.g. "x"
+    summary: str | None = None  # key under `metrics` in --summary-json
+    headline: Column | None = None  # column of the headline table (its row is `label`); needs `summary`
+    model_index: str | None = None  # name of the MMLU result in the card's model-index
+
+    def of(self, record: Record | None) -> float | None:
+        return float(self.value(record)) if isinstance(record, self.record) else None
+
+    def format(self, value: float | None) -> str:
+        return "-" if value is None else format(value, self.fmt) + self.suffix
+
+
+@dataclass(frozen=True)
+class MetricFamily(Generic[R]):
+    """Metrics whose keys carry a name from the data, e.g. one per MMLU category."""
+
+    key: str  # with {placeholders}, e.g. "mmlu/{variant}/category/{category}"
+    record: type[R]
+    values: Callable[[R], dict[str, float]]  # filled-in key -> value
+    label: str
+
+    def of(self, record: Record | None) -> dict[str, float]:
+        return self.values(record) if isinstance(record, self.record) else {}
+
+    def matches(self, key: str) -> bool:
+        pattern = re.sub(r"\\\{[a-z_]+\\\}", "[^/]+", re.escape(self.key))
+        return re.fullmatch(pattern, key) is not None
+
+
+def _per_variant(
+    key: str, value: Callable[[ThroughputMeasurement], float], label: str, fmt: str
+) -> tuple[Metric[ThroughputResult], ...]:
+    """The BF16 and the FP8 metric of one throughput measurement (`key` has a {variant})."""
+
+    def bf16(r: ThroughputResult) -> float:
+        return value(r.bf16)
+
+    def fp8(r: ThroughputResult) -> float:
+        return value(r.fp8)
+
+    return (
+        Metric(key.format(variant="bf16"), ThroughputResult, bf16, f"{label} (BF16)", fmt),
+        Metric(key.format(variant="fp8"), ThroughputResult, fp8, f"{label} (FP8)", fmt),
+    )
+
+
+# Order matters: it is the order of --summary-json's `metrics` and of the headline table's rows.
+VOCABULARY: tuple[Metric[Any], ...] = (
+    Metric("model/parameters", ModelSource, lambda r: r.num_parameters, "parameters", ",.0f"),
+    Metric("model/bf16_bytes", ModelSource, lambda r: safetensors_bytes(r.files), "BF16 checkpoint bytes", ",.0f"),
+    Metric(
+        "model/fp8_bytes", QuantizedCheckpoint, lambda r: safetensors_bytes(r.files), "FP8 checkpoint bytes", ",.0f"
+    ),
+    Metric("quantize/quantized_layers", QuantizedCheckpoint, lambda r: r.quantized_layers, "quantized layers", "d"),
+    Metric("quantize/calib_tokens", QuantizedCheckpoint, lambda r: r.calibration.tokens, "calibration tokens", ",.0f"),
+    Metric("build/bf16_weight_bytes", Engines, lambda r: r.bf16.weight_bytes, "BF16 weights as loaded", ",.0f"),
+    Metric("build/fp8_weight_bytes", Engines, lambda r: r.fp8.weight_bytes, "FP8 weights as loaded", ",.0f"),
+    Metric(
+        "mmlu/bf16",
+        MmluResult,
+        lambda r: r.bf16.accuracy,
+        "MMLU accuracy",
+        ".2%",
+        summary="mmlu_bf16",
+        headline="bf16",
+        model_index="MMLU accuracy (BF16 baseline)",
+    ),
+    Metric(
+        "mmlu/fp8",
+        MmluResult,
+        lambda r: r.fp8.accuracy,
+        "MMLU accuracy",
+        ".2%",
+        summary="mmlu_fp8",
+        headline="fp8",
+        model_index="MMLU accuracy (FP8)",
+    ),
+    Metric("mmlu/questions", MmluResult, lambda r: r.questions, "MMLU questions", "d", summary="mmlu_questions"),
+    Metric("mmlu/delta", MmluResult, lambda r: r.fp8.accuracy - r.bf16.accuracy, "MMLU FP8 - BF16", "+.2%"),
+    Metric("mmlu/agreement", MmluResult, lambda r: r.agreement, "MMLU answers in agreement", ".2%"),
+    Metric(
+        "throughput/bf16_tok_s",
+        ThroughputResult,
+        lambda r: r.bf16.output_tok_s,
+        "Output tokens/s",
+        ".1f",
+        summary="throughput_bf16_tok_s",
+        headline="bf16",
+    ),
+    Metric(
+        "throughput/fp8_tok_s",
+        ThroughputResult,
+        lambda r: r.fp8.output_tok_s,
+        "Output tokens/s",
+        ".1f",
+        summary="throughput_fp8_tok_s",
+        headline="fp8",
+    ),
+    Metric(
+        "fp8_speedup",
+        ThroughputResult,
+        lambda r: r.fp8_speedup,
+        "FP8 speedup",
+        ".2f",
+        suffix="x",
+        summary="fp8_speedup",
+        headline="fp8",
+    ),
+    Metric(
+        "build/fp8_top1_agreement",
+        Engines,
+        lambda r: r.top1_agreement,
+        "Next-token agreement",
+        ".2%",
+        summary="fp8_top1_agreement",
+        headline="fp8",
+    ),
+    *_per_variant("throughput/{variant}_req_s", lambda m: m.requests_s, "requests/s", ".3f"),
+    *_per_variant("latency/{variant}_ttft_ms_p50", lambda m: m.ttft_ms_p50, "TTFT p50 (ms)", ".1f"),
+    *_per_variant("latency/{variant}_tpot_ms_p50", lambda m: m.tpot_ms_p50, "TPOT p50 (ms)", ".1f"),
+)
+
+
+def _mmlu_categories(r: MmluResult) -> dict[str, float]:
+    return {
+        f"mmlu/{variant}/category/{category}": value
+        for variant, scores in (("bf16", r.bf16), ("fp8", r.fp8))
+        for category, value in scores.per_category.items()
+    }
+
+
+FAMILIES: tuple[MetricFamily[Any], ...] = (
+    MetricFamily("mmlu/{variant}/category/{category}", MmluResult, _mmlu_categories, "MMLU accuracy per category"),
+)
+
+# Logged by the stage runner, not read from a record: how long a stage took (cached: reading it back).
+STAGE_SECONDS = "stage/{stage}/seconds"
+
+
+def stage_seconds_key(stage: str) -> str:
+    return STAGE_SECONDS.format(stage=stage)
+
+
+def record_metrics(record: Record) -> dict[str, float]:
+    """Every metric of the vocabulary that `record` produces, under its canonical key."""
+    out: dict[str, float] = {}
+    for metric in VOCABULARY:
+        value = metric.of(record)
+        if value is not None:
+            out[metric.key] = value
+    for family in FAMILIES:
+        out.update(family.of(record))
+    return out
+
+
+def summary_metrics(records: Iterable[Record]) -> dict[str, float | None]:
+    """The --summary-json `metrics`: every metric with a summary key, None when its stage did not run."""
+    by_type = {type(record): record for record in records}
+    return {m.summary: m.of(by_type.get(m.record)) for m in VOCABULARY if m.summary}
+
+
+@dataclass(frozen=True)
+class HeadlineRow:
+    label: str
+    bf16: str  # formatted; "" where the metric has no BF16 column
+    fp8: str
+
+    @property
+    def measured(self) -> bool:
+        return any(cell not in ("", "-") for cell in (self.bf16, self.fp8))
+
+
+def headline_rows(summary_values: Mapping[str, float | None]) -> list[HeadlineRow]:
+    """The headline table (label, BF16, FP8), from --summary-json `metrics` values."""
+    rows: dict[str, dict[Column, str]] = {}
+    for metric in VOCABULARY:
+        if metric.headline is None or metric.summary is None:
+            continue
+        rows.setdefault(metric.label, {})[metric.headline] = metric.format(summary_values.get(metric.summary))
+    return [HeadlineRow(label, cells.get("bf16", ""), cells.get("fp8", "")) for label, cells in rows.items()]
+
+
+def model_index_metrics(result: MmluResult) -> list[dict[str, Any]]:
+    """The card's model-index metrics: the FP8 model's own result first, then the baseline."""
+    chosen = [m for m in VOCABULARY if m.model_index and m.record is MmluResult]
+    chosen.sort(key=lambda m: m.headline != "fp8")
+    return [{"type": "accuracy", "name": m.model_index, "value": m.of(result)} for m in chosen]
+
+
+def _check_vocabulary() -> None:
+    keys = [m.key for m in VOCABULARY] + [f.key for f in FAMILIES] + [STAGE_SECONDS]
+    summaries = [m.summary for m in VOCABULARY if m.summary]
+    for name, values in (("key", keys), ("summary key", summaries)):
+        duplicates = sorted({v for v in values if values.count(v) > 1})
+        if duplicates:
+            raise RuntimeError(f"metric {name}s defined twice: {duplicates}")
+    for metric in VOCABULARY:
+        if metric.headline and not metric.summary:
+            raise RuntimeError(f"headline metric {metric.key} needs a summary key (the table is printed from it)")
+
+
+_check_vocabulary()

@@ -1,0 +1,133 @@
+"""Calibration sources by registry: the choices the config, the CLI and the Prefect form offer, and `auto`."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from flows.cli import build_parser, config_from_args
+from quant_release import calibration
+from quant_release.config import QuantizationConfig, ReleaseConfig, build_config
+from quant_release.errors import ConfigError
+from tests.support.process import free_port
+
+# --- the registry and what is derived from it -------------------------------------------------------
+
+
+def test_the_three_choices_come_from_the_registry() -> None:
+    assert calibration.choices() == ("auto", "cnn_dailymail", "python-docs")
+    assert set(calibration.SOURCES) == {"cnn_dailymail", "python-docs"}
+    assert calibration.auto_order() == ["cnn_dailymail", "python-docs"]
+
+
+def test_config_schema_offers_the_choices_as_an_enum() -> None:
+    schema = ReleaseConfig.model_json_schema()
+    field = schema["$defs"]["QuantizationConfig"]["properties"]["calib_dataset"]
+    assert field["enum"] == list(calibration.choices())  # a dropdown in the Prefect form
+    assert field["default"] == "auto"
+    for name in calibration.SOURCES:
+        assert name in field["description"]
+
+
+def test_config_rejects_an_unknown_source() -> None:
+    with pytest.raises(ConfigError, match=r"quantization\.calib_dataset: .*unknown calibration dataset 'wikitext'"):
+        build_config({"quantization": {"calib_dataset": "wikitext"}})
+    assert QuantizationConfig(calib_dataset="python-docs").calib_dataset == "python-docs"
+
+
+def test_cli_flag_offers_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    assert (
+        config_from_args(parser.parse_args(["run", "--calib-dataset", "cnn_dailymail"])).quantization.calib_dataset
+        == "cnn_dailymail"
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--calib-dataset", "wikitext"])
+    assert "invalid choice: 'wikitext'" in capsys.readouterr().err
+
+
+def test_a_registered_source_is_found_and_resolved(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(calibration, "SOURCES", dict(calibration.SOURCES))
+
+    @calibration.register("tiny-test-text", "two sentences, for this test", auto_rank=-1)
+    def documents(samples: int) -> list[str]:
+        return ["one sentence.", "another sentence."][: max(samples, 1)]
+
+    assert "tiny-test-text" in calibration.choices()
+    assert calibration.source("tiny-test-text").documents(2) == ["one sentence.", "another sentence."]
+    assert calibration.resolve("auto", "http://unused.example") == "tiny-test-text"  # ranked first, always there
+    with pytest.raises(ValueError, match="twice"):
+        calibration.register("tiny-test-text", "again")(documents)
+
+
+def test_python_docs_source_is_the_calibration_split() -> None:
+    from quant_release import textdata
+
+    assert calibration.source("python-docs").documents(64) == textdata.python_docs("calibration")
+
+
+def test_unknown_source_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown calibration dataset 'nope'"):
+        calibration.resolve("nope", "http://unused.example")
+    assert json.dumps(calibration.choices())  # plain strings, serialisable into a schema
+
+
+# --- resolve: `auto` and explicit names -------------------------------------------------------------
+
+
+def _clear_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+
+
+def test_auto_is_python_docs_when_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clear_offline(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    calls: list[str] = []
+
+    def never(*args: object, **kwargs: object) -> None:
+        calls.append("called")
+        raise AssertionError("no Hub call when offline")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", never)
+    assert calibration.resolve("auto", "https://huggingface.co") == "python-docs"
+    assert calls == []
+
+
+def test_auto_is_python_docs_when_datasets_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clear_offline(monkeypatch)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert calibration.resolve("auto", f"http://127.0.0.1:{free_port()}") == "python-docs"
+
+
+def test_auto_is_python_docs_when_endpoint_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clear_offline(monkeypatch)
+    start = time.monotonic()
+    assert calibration.resolve("auto", f"http://127.0.0.1:{free_port()}") == "python-docs"
+    assert time.monotonic() - start < 20  # a refused connection is not waited on for minutes
+
+
+def test_auto_is_cnn_dailymail_when_the_hub_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clear_offline(monkeypatch)
+    seen: list[tuple[str, str]] = []
+
+    import huggingface_hub
+
+    def answer(self: huggingface_hub.HfApi, repo_id: str, **kwargs: object) -> object:
+        seen.append((self.endpoint, repo_id))
+        return object()
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", answer)
+    assert calibration.resolve("auto", "http://hub.example") == "cnn_dailymail"
+    assert seen == [("http://hub.example", "abisee/cnn_dailymail")]
+
+
+@pytest.mark.parametrize("name", ["python-docs", "cnn_dailymail"])
+def test_explicit_dataset_is_returned_unchanged(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    _clear_offline(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # even offline: an explicit choice is not second-guessed
+    assert calibration.resolve(name, f"http://127.0.0.1:{free_port()}") == name

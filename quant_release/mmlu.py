@@ -14,12 +14,13 @@ import csv
 import difflib
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from quant_release.errors import ConfigError
 from quant_release.records import MmluScores
@@ -486,6 +487,12 @@ def select(
 # --- prompts ------------------------------------------------------------------------------------
 
 
+class ChoiceScorer(Protocol):
+    """What scoring needs of an engine (`engines.base.LoadedEngine` has it)."""
+
+    def score_choices(self, contexts: Sequence[str], choices: Sequence[str]) -> list[list[float]]: ...
+
+
 @dataclass(frozen=True)
 class Prompt:
     """A k-shot prompt: `text` = `prefix` (header + shots, shared within a subject) + the question."""
@@ -551,6 +558,25 @@ def choose(logprobs: Sequence[float]) -> int:
     if len(logprobs) != len(ANSWER_CANDIDATES):
         raise ValueError(f"expected {len(ANSWER_CANDIDATES)} log-probabilities, got {len(logprobs)}")
     return max(range(len(logprobs)), key=lambda i: (logprobs[i], -i))
+
+
+def score_prompts(
+    engine: ChoiceScorer, prompts: Sequence[Prompt], on_step: Callable[[int, int], None] | None = None
+) -> dict[str, list[float]]:
+    """Log-probs of the answer candidates for every prompt, by question id.
+
+    Consecutive prompts with the same few-shot prefix go to the engine together, which runs that
+    prefix once and the questions as batches (see the engines' `score_choices`).
+    """
+    out: dict[str, list[float]] = {}
+    for _, group_iter in itertools.groupby(prompts, key=lambda p: p.prefix):
+        group = list(group_iter)
+        rows = engine.score_choices([p.text for p in group], list(group[0].candidates))
+        for prompt, row in zip(group, rows, strict=True):
+            out[prompt.question_id] = row
+        if on_step:
+            on_step(len(out), len(prompts))
+    return out
 
 
 # --- scoring ------------------------------------------------------------------------------------

@@ -60,8 +60,8 @@ def build_summary(
         "mmlu_bf16": result.bf16.accuracy if result else None,
         "mmlu_fp8": result.fp8.accuracy if result else None,
         "mmlu_questions": float(result.questions) if result else None,
-        "throughput_bf16_tok_s": throughput.bf16.output_tok_s if throughput else None,
-        "throughput_fp8_tok_s": throughput.fp8.output_tok_s if throughput else None,
+        "throughput_bf16_tok_s": throughput.bf16.output_throughput if throughput else None,
+        "throughput_fp8_tok_s": throughput.fp8.output_throughput if throughput else None,
         "fp8_speedup": throughput.fp8_speedup if throughput else None,
         "fp8_top1_agreement": engines.top1_agreement if engines else None,
     }

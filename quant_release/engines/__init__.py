@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from quant_release.engines.base import BenchmarkWorkload, EngineBackend, LoadedEngine, StepCallback
+from quant_release.engines.base import BenchmarkRequest, BenchmarkWorkload, EngineBackend, LoadedEngine, StepCallback
 
 
 def _builtin() -> EngineBackend:
@@ -29,4 +29,4 @@ def get_backend(kind: str) -> EngineBackend:
     return factory()
 
 
-__all__ = ["BenchmarkWorkload", "EngineBackend", "LoadedEngine", "StepCallback", "get_backend"]
+__all__ = ["BenchmarkRequest", "BenchmarkWorkload", "EngineBackend", "LoadedEngine", "StepCallback", "get_backend"]

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 CLI = str(Path(sys.executable).parent / "quant-release")
 SMALL_RUN = [
     "--mmlu-subjects", "abstract_algebra", "--mmlu-questions", "1", "--mmlu-shots", "1",
-    "--bench-requests", "2", "--bench-batch-size", "2", "--bench-input-len", "16", "--bench-output-len", "4",
+    "--bench-requests", "2", "--bench-concurrency", "2", "--bench-input-len", "16", "--bench-output-len", "4",
     "--bench-warmup", "0",
     "--calib-samples", "4", "--calib-seq-len", "32",
 ]  # fmt: skip

@@ -89,6 +89,7 @@ def build_summary(
             "artifact_uri": release.artifact_uri if release else None,
             "release_folder": str(release.folder) if release else None,
             "mmlu_predictions": str(result.predictions_file) if result else None,
+            "throughput_plot": str(throughput.plot_file) if throughput and throughput.plot_file else None,
         },
         mlflow={"tracking_uri": tracking_uri, "run_id": mlflow_run_id},
         hub={

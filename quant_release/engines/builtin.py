@@ -80,6 +80,16 @@ def latency_stats(seconds: Sequence[float]) -> LatencyStats:
     )
 
 
+def shared_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    """Tokens worth running once for all rows: their common prefix, leaving each row at least one token.
+
+    A single row shares nothing: splitting it would only change the arithmetic, not save any.
+    """
+    if len(rows) < 2:
+        return 0
+    return min(common_prefix_len(rows), min(len(r) for r in rows) - 1)
+
+
 def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
     first = rows[0]
     length = len(first)
@@ -170,17 +180,12 @@ class BuiltinEngine:
             batches.append(current)
         return batches
 
-    def _share_prefix(self, rows: Sequence[Sequence[int]], slots: int, longest_total: int) -> int:
-        """Reserve the cache and run the rows' common prefix once into every slot; returns its length.
-
-        At least one token of every row stays out of the prefix, so each row yields logits of its own.
-        """
-        prefix = min(common_prefix_len(rows), min(len(r) for r in rows) - 1)
+    def _share_prefix(self, row: Sequence[int], prefix: int, slots: int, longest_total: int) -> None:
+        """Reserve the cache and run the first `prefix` tokens of `row` once, into every slot."""
         self.runtime.reserve(slots, longest_total)
         if prefix > 0:
-            self.runtime.prefill([list(rows[0][:prefix])], [0])
+            self.runtime.prefill([list(row[:prefix])], [0])
             self.runtime.copy_prefix(0, list(range(1, slots)), prefix)
-        return prefix
 
     # -- scoring -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -203,11 +208,12 @@ class BuiltinEngine:
             else [(c, k) for c in range(len(context_ids)) for k in range(len(choice_ids))]
         )
         full = [context_ids[c] + (choice_ids[k] if k is not None else []) for c, k in pairs]
-        prefix = min(common_prefix_len(context_ids), min(len(ids) for ids in context_ids) - 1)
+        # Shared by every row, and never reaching into a choice: the gather positions below count on it.
+        prefix = min(shared_prefix_len(full), min(len(ids) for ids in context_ids) - 1) if len(full) > 1 else 0
         suffixes = [row[prefix:] for row in full]
         lengths = [len(s) for s in suffixes]
         batches = self._batches(sorted(range(len(pairs)), key=lambda i: lengths[i]), lengths)
-        self._share_prefix(full, max(len(b) for b in batches), prefix + max(lengths))
+        self._share_prefix(full[0], prefix, max(len(b) for b in batches), prefix + max(lengths))
         scores = [[0.0] * len(choice_ids) for _ in context_ids]
         done_contexts: set[int] = set()
         for batch in batches:
@@ -270,13 +276,15 @@ class BuiltinEngine:
         rows = [list(p) for p in prompts]
         stops = set(stop_token_ids)
         lengths = [len(r) for r in rows]
-        prefix = min(common_prefix_len(rows), min(lengths) - 1)
+        prefix = shared_prefix_len(rows)
         suffix_lengths = [n - prefix for n in lengths]
         order = sorted(range(len(rows)), key=lambda i: suffix_lengths[i])
         batches = self._batches(order, [n + max_new_tokens for n in suffix_lengths])
         graphs = self.device.type == "cuda"  # decode in power-of-two batches: one CUDA graph each
         most = max(len(b) for b in batches)
-        self._share_prefix(rows, self.runtime.bucket(most) if graphs else most, max(lengths) + max_new_tokens)
+        self._share_prefix(
+            rows[0], prefix, self.runtime.bucket(most) if graphs else most, max(lengths) + max_new_tokens
+        )
         out: list[list[int]] = [[] for _ in rows]
         done = 0
         for batch in batches:

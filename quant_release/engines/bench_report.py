@@ -29,52 +29,9 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from quant_release.engines.base import BenchmarkRequest
 from quant_release.errors import ConfigError, EngineUnavailableError, QuantReleaseError
-from quant_release.records import Variant
-
-
-# The lead moves these two into engines/base.py on merge (same names and fields).
-@dataclass(frozen=True)
-class BenchmarkRequest:
-    """One request, like a line of `trtllm-bench prepare_dataset token-norm-dist`: token ids in, exactly
-    `output_len` tokens out (EOS ignored)."""
-
-    prompt: tuple[int, ...]
-    output_len: int
-
-
-@dataclass(frozen=True)
-class BenchmarkWorkload:
-    requests: Sequence[BenchmarkRequest]
-    concurrency: int
-    warmup: Sequence[BenchmarkRequest]
-
-
-class LatencyStats(BaseModel):
-    """Milliseconds."""
-
-    mean: float
-    p50: float
-    p90: float
-    p99: float
-
-
-class BenchMetrics(BaseModel):
-    """One benchmark run (one variant, one concurrency), named as trtllm-bench / vllm bench report them."""
-
-    concurrency: int
-    requests: int
-    input_tokens: int
-    output_tokens: int
-    duration_s: float
-    request_throughput: float  # req/s
-    output_throughput: float  # output tok/s
-    total_token_throughput: float  # (input + output) tok/s
-    per_user_output_throughput: float  # tok/s per user, trtllm-bench's definition (module docstring)
-    ttft_ms: LatencyStats
-    tpot_ms: LatencyStats
-    e2e_latency_ms: LatencyStats
-    peak_gpu_memory_bytes: int | None
+from quant_release.records import LatencyStats, ThroughputMeasurement, Variant
 
 
 class EngineCommandError(QuantReleaseError):
@@ -124,7 +81,7 @@ class RequestTiming:
 
 def metrics_from_timings(
     timings: Sequence[RequestTiming], concurrency: int, peak_gpu_memory_bytes: int | None
-) -> BenchMetrics:
+) -> ThroughputMeasurement:
     """The trtllm-bench definitions (module docstring) applied to our own per-request timestamps."""
     if not timings:
         raise ValueError("no requests were measured")
@@ -137,7 +94,7 @@ def metrics_from_timings(
     e2e = [(t.end_s - t.start_s) * 1e3 for t in timings]
     tpot = [(t.end_s - t.first_token_s) * 1e3 / (t.output_tokens - 1) if t.output_tokens > 1 else 0.0 for t in timings]
     per_user = [t.output_tokens / (t.end_s - t.start_s) for t in timings if t.end_s > t.start_s]
-    return BenchMetrics(
+    return ThroughputMeasurement(
         concurrency=concurrency,
         requests=len(timings),
         input_tokens=input_tokens,
@@ -316,9 +273,9 @@ def validate_checkpoint(variant: Variant, model_dir: Path) -> None:
     if not config_path.is_file():
         raise ConfigError(f"{model_dir} is not a Hugging Face checkpoint (no config.json)")
     if variant == "fp8":
-        from quant_release.engines.fp8 import read_quant_config
+        from quant_release.engines.checkpoint import read_quant_spec
 
-        read_quant_config(model_dir)
+        read_quant_spec(model_dir)
     elif json.loads(config_path.read_text()).get("quantization_config"):
         raise ConfigError(f"{model_dir} is a quantized checkpoint; the bf16 variant needs the original")
 

@@ -16,7 +16,6 @@ What the stages ask of it, and how it batches:
 from __future__ import annotations
 
 import gc
-import math
 import platform
 import time
 from collections import deque
@@ -28,19 +27,13 @@ from typing import Any
 import torch
 
 from quant_release.engines.base import BenchmarkRequest, BenchmarkWorkload, StepCallback
-from quant_release.engines.llama import (
-    CheckpointError,
-    GemmMode,
-    LlamaWeights,
-    load_weights,
-    read_config,
-    read_quant_spec,
-    resolve_gemm,
-)
+from quant_release.engines.bench_report import RequestTiming, metrics_from_timings
+from quant_release.engines.checkpoint import CheckpointError, read_config
+from quant_release.engines.llama import GemmMode, LlamaWeights, load_weights, read_builtin_quant_spec, resolve_gemm
 from quant_release.engines.runtime import MAX_PROGRAM_TOKENS, LlamaRuntime, RuntimeOptions
 from quant_release.environment import resolved_device
 from quant_release.errors import EngineUnavailableError
-from quant_release.records import EngineHandle, LatencyStats, ThroughputMeasurement, Variant
+from quant_release.records import EngineHandle, ThroughputMeasurement, Variant
 
 # Tokens per scoring batch on a CPU: past this, batching stops paying on two cores.
 CPU_BATCH_TOKENS = 2048
@@ -58,26 +51,6 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return str(torch.cuda.get_device_name(device))
     return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default method), without numpy."""
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    pos = (len(ordered) - 1) * q
-    low, high = math.floor(pos), math.ceil(pos)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-def latency_stats(seconds: Sequence[float]) -> LatencyStats:
-    ms = [s * 1e3 for s in seconds]
-    return LatencyStats(
-        mean=sum(ms) / len(ms) if ms else math.nan,
-        p50=percentile(ms, 0.5),
-        p90=percentile(ms, 0.9),
-        p99=percentile(ms, 0.99),
-    )
 
 
 def shared_prefix_len(rows: Sequence[Sequence[int]]) -> int:
@@ -316,8 +289,8 @@ class BuiltinEngine:
     def benchmark(self, workload: BenchmarkWorkload, on_step: StepCallback | None = None) -> ThroughputMeasurement:
         """Continuous batching of the workload's requests over `concurrency` slots, EOS ignored.
 
-        TTFT runs from a request's admission to its first token, end-to-end latency to its last; TPOT
-        is (end-to-end - TTFT) / (output tokens - 1). Warm-up requests run the same way, untimed.
+        A request's clock starts when a slot admits it; the metrics are trtllm-bench's definitions
+        (`bench_report.metrics_from_timings`). Warm-up requests run the same way, untimed.
         """
         requests = list(workload.requests)
         if not requests:
@@ -330,30 +303,13 @@ class BuiltinEngine:
             self._run_requests(list(workload.warmup), concurrency, None)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
         finished = self._run_requests(requests, concurrency, on_step)
-        duration = time.perf_counter() - start
-        input_tokens = sum(len(r.request.prompt) for r in finished)
-        output_tokens = sum(r.request.output_len for r in finished)
-        e2e = [r.finished - r.admitted for r in finished]
-        ttft = [r.first_token - r.admitted for r in finished]
-        tpot = [(r.finished - r.first_token) / (r.request.output_len - 1) for r in finished if r.request.output_len > 1]
-        return ThroughputMeasurement(
-            concurrency=concurrency,
-            requests=len(finished),
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            duration_s=duration,
-            request_throughput=len(finished) / duration,
-            output_throughput=output_tokens / duration,
-            total_token_throughput=(input_tokens + output_tokens) / duration,
-            per_user_output_throughput=sum(r.request.output_len / (r.finished - r.admitted) for r in finished)
-            / len(finished),
-            ttft_ms=latency_stats(ttft),
-            tpot_ms=latency_stats(tpot),
-            e2e_latency_ms=latency_stats(e2e),
-            peak_gpu_memory_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
-        )
+        timings = [
+            RequestTiming(r.admitted, r.first_token, r.finished, len(r.request.prompt), r.request.output_len)
+            for r in finished
+        ]
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return metrics_from_timings(timings, concurrency, peak)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -427,7 +383,7 @@ class BuiltinBackend:
         resolved = dict(options)
         read_config(model_dir)
         if variant == "fp8":
-            read_quant_spec(model_dir)
+            read_builtin_quant_spec(model_dir)
             resolved["fp8_gemm"] = resolve_gemm(options.get("fp8_gemm", "auto"), resolved_device_)
         elif "fp8_gemm" in resolved:
             del resolved["fp8_gemm"]
@@ -439,4 +395,4 @@ class BuiltinBackend:
         return BuiltinEngine.load(handle)
 
 
-__all__ = ["BuiltinBackend", "BuiltinEngine", "CheckpointError", "describe_device", "percentile", "torch_device"]
+__all__ = ["BuiltinBackend", "BuiltinEngine", "CheckpointError", "describe_device", "torch_device"]

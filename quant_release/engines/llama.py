@@ -16,7 +16,6 @@ one value already (modelopt calibrates layers that share an input together), els
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,9 +24,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F  # noqa: N812 - the conventional name
 
-from quant_release.errors import QuantReleaseError
+from quant_release.engines.checkpoint import CheckpointError, QuantSpec, read_config, read_quant_spec, shard_files
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
@@ -35,10 +33,6 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
 MIN_DYNAMIC_SCALE = 1e-12
 GemmMode = Literal["scaled_mm", "emulated"]
 SUPPORTED_QUANT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")
-
-
-class CheckpointError(QuantReleaseError):
-    """The checkpoint is not one this engine can load faithfully."""
 
 
 # -- shape --------------------------------------------------------------------------------------------
@@ -211,72 +205,22 @@ class LlamaWeights:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
-@dataclass(frozen=True)
-class QuantSpec:
-    """The quantization section of a modelopt checkpoint (`hf_quant_config.json`)."""
-
-    quant_algo: str
-    kv_cache_quant_algo: str | None
-    exclude_modules: tuple[str, ...]
-    producer: str
-
-
-def read_quant_spec(checkpoint_dir: Path) -> QuantSpec:
-    """The quantization section of `hf_quant_config.json` (or of config.json's quantization_config)."""
-    hf_quant = checkpoint_dir / "hf_quant_config.json"
-    producer = "unknown"
-    if hf_quant.is_file():
-        raw = json.loads(hf_quant.read_text())
-        section = raw.get("quantization", {})
-        info = raw.get("producer", {})
-        producer = f"{info.get('name', 'unknown')} {info.get('version', '')}".strip()
-    else:
-        config = read_config(checkpoint_dir)
-        section = config.get("quantization_config") or {}
-        if section.get("quant_method") != "modelopt":
-            raise CheckpointError(f"{checkpoint_dir} is not a modelopt checkpoint (no hf_quant_config.json)")
-        section = {**section, "exclude_modules": section.get("ignore", section.get("exclude_modules", []))}
-    algo = section.get("quant_algo")
-    if algo not in SUPPORTED_QUANT_ALGOS:
+def read_builtin_quant_spec(checkpoint_dir: Path) -> QuantSpec:
+    """The checkpoint's quantization, refused unless the built-in engine computes it faithfully."""
+    spec = read_quant_spec(checkpoint_dir)
+    if spec.quant_algo not in SUPPORTED_QUANT_ALGOS:
         raise CheckpointError(
-            f"{checkpoint_dir}: quant_algo is {algo!r}; the built-in engine runs {', '.join(SUPPORTED_QUANT_ALGOS)}"
+            f"{checkpoint_dir}: quant_algo is {spec.quant_algo!r}; the built-in engine runs "
+            f"{', '.join(SUPPORTED_QUANT_ALGOS)}"
         )
-    kv_algo = section.get("kv_cache_quant_algo")
-    if kv_algo is not None:
+    if spec.kv_cache_quant_algo is not None:
         # The cache stays BF16 and the export's k/v scales would go unused: refuse rather than run a
         # different model than the checkpoint describes.
         raise CheckpointError(
-            f"{checkpoint_dir}: KV-cache quantization ({kv_algo}) is not supported by the built-in engine; "
-            "export without it or serve with TensorRT-LLM or vLLM"
+            f"{checkpoint_dir}: KV-cache quantization ({spec.kv_cache_quant_algo}) is not supported by the "
+            "built-in engine; export without it or serve with TensorRT-LLM or vLLM"
         )
-    return QuantSpec(
-        quant_algo=str(algo),
-        kv_cache_quant_algo=kv_algo,
-        exclude_modules=tuple(section.get("exclude_modules") or ()),
-        producer=producer,
-    )
-
-
-def read_config(checkpoint_dir: Path) -> dict[str, Any]:
-    path = checkpoint_dir / "config.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is missing or not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return data
-
-
-def shard_files(checkpoint_dir: Path) -> list[Path]:
-    index = checkpoint_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [checkpoint_dir / name for name in names]
-    shards = sorted(checkpoint_dir.glob("*.safetensors"))
-    if not shards:
-        raise CheckpointError(f"{checkpoint_dir} holds no .safetensors files")
-    return shards
+    return spec
 
 
 class TensorSource:
@@ -392,7 +336,7 @@ def load_weights(checkpoint_dir: Path, device: torch.device, gemm: GemmMode | No
     config = read_config(checkpoint_dir)
     spec: QuantSpec | None = None
     if gemm is not None:
-        spec = read_quant_spec(checkpoint_dir)
+        spec = read_builtin_quant_spec(checkpoint_dir)
     elif config.get("quantization_config"):
         raise CheckpointError(f"{checkpoint_dir} is a quantized checkpoint; the bf16 variant needs the original")
     return build_weights(config, TensorSource(checkpoint_dir), device, gemm, spec)
@@ -487,47 +431,8 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
-def linear(x: torch.Tensor, weight: Weight, gemm: GemmMode | None) -> torch.Tensor:
-    """x [..., in] @ weight.T → [..., out] in BF16; FP8 weights quantize x next to this GEMM."""
-    if not isinstance(weight, Fp8Weight):
-        return F.linear(x, weight)
-    flat = x.reshape(-1, x.shape[-1])
-    if weight.input_scale is not None:
-        x_q = quantize_static(flat, weight.input_scale)
-        if gemm == "scaled_mm":
-            out = torch._scaled_mm(
-                x_q,
-                weight.weight_t,
-                scale_a=weight.input_scale,
-                scale_b=weight.unit_scale if weight.per_channel else weight.weight_scale,
-                out_dtype=torch.bfloat16,
-            )
-            if weight.per_channel:
-                out = (out.float() * weight.weight_scale).to(torch.bfloat16)
-        else:
-            # Both operands hold exact FP8 values; the scales apply once, after the GEMM.
-            out = F.linear(x_q.to(torch.bfloat16), weight.weight)
-            out = out * (weight.input_scale * weight.weight_scale).to(torch.bfloat16)
-    else:
-        x_q, row_scale = quantize_per_token(flat)
-        col_scale = weight.weight_scale.expand(weight.weight.shape[0]).reshape(1, -1).float()
-        if gemm == "scaled_mm":
-            out = torch._scaled_mm(
-                x_q, weight.weight_t, scale_a=row_scale, scale_b=col_scale.contiguous(), out_dtype=torch.bfloat16
-            )
-        else:
-            out = F.linear(x_q.to(torch.bfloat16), weight.weight)
-            out = (out.float() * row_scale * col_scale).to(torch.bfloat16)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [..., head_dim] rotated by cos/sin broadcast to it (transformers' rotate_half convention)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
-
-
-def mlp(x: torch.Tensor, layer: LayerWeights, gemm: GemmMode | None) -> torch.Tensor:
-    gate, up = linear(x, layer.gate_up, gemm).chunk(2, dim=-1)
-    return linear(F.silu(gate) * up, layer.down, gemm)

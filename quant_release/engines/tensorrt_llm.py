@@ -37,11 +37,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from quant_release.engines.base import StepCallback
+from quant_release.engines.base import BenchmarkWorkload, StepCallback
 from quant_release.engines.bench_report import (
-    BenchmarkWorkload,
-    BenchMetrics,
-    LatencyStats,
     cuda_device_name,
     files_bytes,
     options_to_strings,
@@ -57,7 +54,7 @@ from quant_release.engines.bench_report import (
     write_trtllm_dataset,
 )
 from quant_release.errors import EngineUnavailableError, QuantReleaseError
-from quant_release.records import EngineHandle, Variant
+from quant_release.records import EngineHandle, LatencyStats, ThroughputMeasurement, Variant
 
 KIND = "tensorrt_llm"
 INSTALL_HINT = (
@@ -294,7 +291,7 @@ def _percentiles(section: dict[str, Any], key: str, where: str) -> LatencyStats:
     )
 
 
-def parse_trtllm_bench_report(report: dict[str, Any], concurrency: int) -> BenchMetrics:
+def parse_trtllm_bench_report(report: dict[str, Any], concurrency: int) -> ThroughputMeasurement:
     """`--report_json` as written by `ReportUtility.get_statistics_dict` (tensorrt_llm/bench/dataclasses/
     reporting.py): "request_info" {num_requests, avg_input_length, avg_output_length}, "performance"
     {total_latency_ms, request_throughput_req_s, system_output_throughput_tok_s,
@@ -307,7 +304,7 @@ def parse_trtllm_bench_report(report: dict[str, Any], concurrency: int) -> Bench
     perf = _section(report, "performance")
     streaming = _section(report, "streaming_metrics")
     requests = int(_number(info, "num_requests", "request_info"))
-    return BenchMetrics(
+    return ThroughputMeasurement(
         concurrency=concurrency,
         requests=requests,
         input_tokens=round(_number(info, "avg_input_length", "request_info") * requests),
@@ -492,7 +489,7 @@ class TensorrtLlmEngine:
                 out.append(argmax_tokens(result.context_logits))
         return out
 
-    def benchmark(self, workload: BenchmarkWorkload, on_step: StepCallback | None = None) -> BenchMetrics:
+    def benchmark(self, workload: BenchmarkWorkload, on_step: StepCallback | None = None) -> ThroughputMeasurement:
         """`trtllm-bench throughput` on the workload's exact requests, in its own process. The loaded LLM
         holds most of the GPU memory (KV cache), so it is shut down first; later calls construct it again."""
         work_dir = Path(self.handle.options.get("work_dir", str(self.handle.model_dir.parent)))

@@ -33,11 +33,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from quant_release.engines.base import StepCallback
+from quant_release.engines.base import BenchmarkRequest, BenchmarkWorkload, StepCallback
 from quant_release.engines.bench_report import (
-    BenchmarkRequest,
-    BenchmarkWorkload,
-    BenchMetrics,
     RequestTiming,
     cuda_device_name,
     files_bytes,
@@ -50,7 +47,7 @@ from quant_release.engines.bench_report import (
     validate_checkpoint,
 )
 from quant_release.errors import EngineUnavailableError, QuantReleaseError
-from quant_release.records import EngineHandle, Variant
+from quant_release.records import EngineHandle, ThroughputMeasurement, Variant
 
 KIND = "vllm"
 INSTALL_HINT = (
@@ -322,7 +319,7 @@ class VllmEngine:
                 out.append([*top1_tokens(result.prompt_logprobs), int(result.outputs[0].token_ids[0])])
         return out
 
-    def benchmark(self, workload: BenchmarkWorkload, on_step: StepCallback | None = None) -> BenchMetrics:
+    def benchmark(self, workload: BenchmarkWorkload, on_step: StepCallback | None = None) -> ThroughputMeasurement:
         if self.llm is None:
             raise QuantReleaseError("the vLLM engine was closed")
         engine = self.llm.llm_engine

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from quant_release.engines.base import BenchmarkRequest, BenchmarkWorkload
-from quant_release.engines.builtin import BuiltinBackend, BuiltinEngine, common_prefix_len, percentile
+from quant_release.engines.bench_report import percentile
+from quant_release.engines.builtin import BuiltinBackend, BuiltinEngine, common_prefix_len
 from quant_release.engines.pool import EnginePool
 from quant_release.errors import QuantReleaseError
 from quant_release.records import EngineHandle

@@ -20,16 +20,15 @@ import torch
 
 import quant_release.engines.bench_report as bench_report
 import quant_release.engines.tensorrt_llm as trt
+from quant_release.engines.base import BenchmarkRequest, BenchmarkWorkload
 from quant_release.engines.bench_report import (
-    BenchmarkRequest,
-    BenchmarkWorkload,
     EngineCommandError,
     parse_options,
     run_tool,
     trtllm_dataset_lines,
     write_trtllm_dataset,
 )
-from quant_release.engines.fp8 import CheckpointError
+from quant_release.engines.checkpoint import CheckpointError
 from quant_release.errors import ConfigError, EngineUnavailableError, QuantReleaseError
 from quant_release.records import EngineHandle
 from tests.support.tiny import VOCAB as TINY_VOCAB

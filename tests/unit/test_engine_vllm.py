@@ -18,9 +18,8 @@ import torch
 
 import quant_release.engines.bench_report as bench_report
 import quant_release.engines.vllm as vl
+from quant_release.engines.base import BenchmarkRequest, BenchmarkWorkload
 from quant_release.engines.bench_report import (
-    BenchmarkRequest,
-    BenchmarkWorkload,
     RequestTiming,
     metrics_from_timings,
     parse_options,

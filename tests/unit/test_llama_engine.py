@@ -22,7 +22,7 @@ from quant_release.engines.llama import (
     LlamaShape,
     load_weights,
     quantize_static,
-    read_quant_spec,
+    read_builtin_quant_spec,
     resolve_gemm,
     rope_inverse_frequencies,
 )
@@ -305,7 +305,7 @@ def test_tied_embeddings_are_held_once(quantized: dict[str, Any]) -> None:
 
 
 def test_quant_spec_is_read(quantized: dict[str, Any]) -> None:
-    spec = read_quant_spec(quantized["fp8_dir"])
+    spec = read_builtin_quant_spec(quantized["fp8_dir"])
     assert spec.quant_algo == "FP8"
     assert "lm_head" in spec.exclude_modules
     assert spec.producer.startswith("modelopt")
@@ -387,7 +387,7 @@ def test_other_algorithms_are_refused(quantized: dict[str, Any], tmp_path: Path)
     ckpt = _copy(quantized["fp8_dir"], tmp_path)
     set_quant_field(ckpt, "quant_algo", "NVFP4")
     with pytest.raises(CheckpointError, match="quant_algo is 'NVFP4'"):
-        read_quant_spec(ckpt)
+        read_builtin_quant_spec(ckpt)
 
 
 def test_gemm_resolution_on_cpu() -> None:

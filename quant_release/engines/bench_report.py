@@ -22,7 +22,7 @@ import math
 import os
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -282,6 +282,36 @@ def validate_checkpoint(variant: Variant, model_dir: Path) -> None:
 
 def files_bytes(directory: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in directory.glob(pattern) if p.is_file())
+
+
+class BatchedLlmEngine:
+    """`generate` for engines driven through an offline LLM object that takes a list of token prompts and
+    sampling parameters (TensorRT-LLM's and vLLM's `LLM.generate`). Subclasses say how to build the
+    sampling parameters and run a chunk of prompts; `chunk` bounds how many go in one call."""
+
+    chunk = 64
+
+    def _generate_sampling(self, max_new_tokens: int, stop_token_ids: Sequence[int]) -> Any:
+        raise NotImplementedError
+
+    def _run(self, prompts: Sequence[Sequence[int]], sampling: Any) -> list[Any]:
+        raise NotImplementedError
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        stop_token_ids: Sequence[int] = (),
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> list[list[int]]:
+        sampling = self._generate_sampling(max_new_tokens, stop_token_ids)
+        out: list[list[int]] = []
+        for first in range(0, len(prompts), self.chunk):
+            for result in self._run(prompts[first : first + self.chunk], sampling):
+                out.append(truncate_at_stop(result.outputs[0].token_ids, stop_token_ids, max_new_tokens))
+            if on_step:
+                on_step(len(out), len(prompts))
+        return out
 
 
 def truncate_at_stop(tokens: Sequence[int], stop_token_ids: Sequence[int], max_new_tokens: int) -> list[int]:

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from quant_release.engines.base import BenchmarkWorkload, StepCallback
 from quant_release.engines.bench_report import (
+    BatchedLlmEngine,
     cuda_device_name,
     files_bytes,
     options_to_strings,
@@ -49,7 +50,6 @@ from quant_release.engines.bench_report import (
     require_cuda,
     require_executable,
     run_tool,
-    truncate_at_stop,
     validate_checkpoint,
     write_trtllm_dataset,
 )
@@ -358,8 +358,10 @@ def _tensorrt_llm() -> Any:
     return importlib.import_module("tensorrt_llm")
 
 
-class TensorrtLlmEngine:
+class TensorrtLlmEngine(BatchedLlmEngine):
     """One loaded variant behind the LLM API."""
+
+    chunk = CHUNK
 
     def __init__(self, handle: EngineHandle, llm: Any, tokenizer: Any, options: TensorrtLlmOptions) -> None:
         self.handle = handle
@@ -420,21 +422,8 @@ class TensorrtLlmEngine:
             self.llm = self._construct_llm()
         return list(self.llm.generate([list(p) for p in prompts], sampling_params=sampling, use_tqdm=False))
 
-    def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        max_new_tokens: int,
-        stop_token_ids: Sequence[int] = (),
-        on_step: StepCallback | None = None,
-    ) -> list[list[int]]:
-        sampling = self._sampling(generate_sampling_kwargs(max_new_tokens, stop_token_ids))
-        out: list[list[int]] = []
-        for first in range(0, len(prompts), CHUNK):
-            for result in self._run(prompts[first : first + CHUNK], sampling):
-                out.append(truncate_at_stop(result.outputs[0].token_ids, stop_token_ids, max_new_tokens))
-            if on_step:
-                on_step(len(out), len(prompts))
-        return out
+    def _generate_sampling(self, max_new_tokens: int, stop_token_ids: Sequence[int]) -> Any:
+        return self._sampling(generate_sampling_kwargs(max_new_tokens, stop_token_ids))
 
     def score_choices(
         self, contexts: Sequence[str], choices: Sequence[str], on_step: StepCallback | None = None

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from quant_release.engines.base import BenchmarkRequest, BenchmarkWorkload, StepCallback
 from quant_release.engines.bench_report import (
+    BatchedLlmEngine,
     RequestTiming,
     cuda_device_name,
     files_bytes,
@@ -43,7 +44,6 @@ from quant_release.engines.bench_report import (
     package_version,
     parse_options,
     require_cuda,
-    truncate_at_stop,
     validate_checkpoint,
 )
 from quant_release.errors import EngineUnavailableError, QuantReleaseError
@@ -222,7 +222,11 @@ def _vllm() -> Any:
     return importlib.import_module("vllm")
 
 
-class VllmEngine:
+class VllmEngine(BatchedLlmEngine):
+    """One loaded variant behind vLLM's offline LLM."""
+
+    chunk = CHUNK
+
     def __init__(self, handle: EngineHandle, llm: Any, tokenizer: Any, options: VllmOptions) -> None:
         self.handle = handle
         self.llm = llm
@@ -265,21 +269,8 @@ class VllmEngine:
             raise QuantReleaseError("the vLLM engine was closed")
         return list(self.llm.generate([tokens_prompt(p) for p in prompts], sampling, use_tqdm=False))
 
-    def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        max_new_tokens: int,
-        stop_token_ids: Sequence[int] = (),
-        on_step: StepCallback | None = None,
-    ) -> list[list[int]]:
-        sampling = self._sampling(generate_sampling_kwargs(max_new_tokens, stop_token_ids))
-        out: list[list[int]] = []
-        for first in range(0, len(prompts), CHUNK):
-            for result in self._run(prompts[first : first + CHUNK], sampling):
-                out.append(truncate_at_stop(result.outputs[0].token_ids, stop_token_ids, max_new_tokens))
-            if on_step:
-                on_step(len(out), len(prompts))
-        return out
+    def _generate_sampling(self, max_new_tokens: int, stop_token_ids: Sequence[int]) -> Any:
+        return self._sampling(generate_sampling_kwargs(max_new_tokens, stop_token_ids))
 
     def score_choices(
         self, contexts: Sequence[str], choices: Sequence[str], on_step: StepCallback | None = None

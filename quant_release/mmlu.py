@@ -488,9 +488,19 @@ def select(
 
 
 class ChoiceScorer(Protocol):
-    """What scoring needs of an engine (`engines.base.LoadedEngine` has it)."""
+    """What log-likelihood scoring needs of an engine (`engines.base.LoadedEngine` has it)."""
 
     def score_choices(self, contexts: Sequence[str], choices: Sequence[str]) -> list[list[float]]: ...
+
+
+class Generator(Protocol):
+    """What generation scoring needs of an engine (`engines.base.LoadedEngine` has it)."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]: ...
 
 
 @dataclass(frozen=True)
@@ -577,6 +587,35 @@ def score_prompts(
         if on_step:
             on_step(len(out), len(prompts))
     return out
+
+
+# TensorRT-LLM's examples/mmlu.py: greedy generation of this many tokens after "Answer:".
+GENERATED_TOKENS = 2
+
+
+def generate_answers(
+    engine: Generator, prompts: Sequence[Prompt], on_step: Callable[[int, int], None] | None = None
+) -> dict[str, str]:
+    """The published scoring: each prompt's greedy continuation of GENERATED_TOKENS tokens, as text.
+
+    Prompts of one subject go to the engine together (it runs their shared few-shot prefix once).
+    """
+    out: dict[str, str] = {}
+    for _, group_iter in itertools.groupby(prompts, key=lambda p: p.prefix):
+        group = list(group_iter)
+        generated = engine.generate([engine.encode(p.text) for p in group], GENERATED_TOKENS)
+        for prompt, tokens in zip(group, generated, strict=True):
+            out[prompt.question_id] = engine.decode(tokens)
+        if on_step:
+            on_step(len(out), len(prompts))
+    return out
+
+
+def answer_of(generated: str) -> int | None:
+    """The letter a generated answer starts with (after stripping), as examples/mmlu.py reads it; None if
+    it starts with none of them: that question counts as wrong."""
+    text = generated.strip()
+    return next((i for i, letter in enumerate(LETTERS) if text.startswith(letter)), None)
 
 
 # --- scoring ------------------------------------------------------------------------------------

@@ -357,3 +357,23 @@ def test_pool_treats_options_and_variant_as_identity(load_log: list[str]) -> Non
     pool.get(EngineHandle(kind="builtin", variant="fp8", model_dir=Path("/m/a"), device="cpu"))
     pool.get(_handle("a", options={"fp8_gemm": "emulated"}))
     assert load_log == ["load a", "load a", "load a"]
+
+
+# --- MMLU generation scoring on this engine -----------------------------------------------------------
+
+
+def test_mmlu_generation_scoring_reads_the_letter_the_engine_writes(engine: BuiltinEngine) -> None:
+    from quant_release import mmlu
+
+    prompts = [
+        mmlu.Prompt(question_id=f"q{i}", prefix=SHARED, text=SHARED + question, num_shots=2, answer=0)
+        for i, question in enumerate(QUESTIONS)
+    ]
+    answers = mmlu.generate_answers(engine, prompts)
+    assert set(answers) == {"q0", "q1", "q2"}
+    for prompt in prompts:
+        expected = engine.decode(engine.generate([engine.encode(prompt.text)], mmlu.GENERATED_TOKENS)[0])
+        assert answers[prompt.question_id] == expected
+    assert mmlu.answer_of(" B\n") == 1
+    assert mmlu.answer_of("D.") == 3
+    assert mmlu.answer_of(" the") is None

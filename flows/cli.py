@@ -185,6 +185,8 @@ def _prepare_environment(args: argparse.Namespace) -> None:
         os.environ["QUANT_RELEASE_PROGRESS"] = "false"
     # Prefect settings are read when prefect is first imported, which happens after this.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The per-run server gets 20 s to start by default: too little on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if not args.verbose:
         # CRITICAL: Prefect logs a failed flow's traceback at ERROR; the CLI prints the one-line cause itself.
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")

@@ -203,9 +203,10 @@ def _finish(
             if spec.stored_with_run and report.status in ("completed", "cached") and report.cache_key:
                 record_file = runner.store.result_dir(spec.name, report.cache_key) / "record.json"
                 store.upload_file(record_file, f"runs/{summary.run_id}/{spec.name}.json")
-        predictions = summary.artifacts.get("mmlu_predictions")
-        if predictions and parent:
-            tracker.log_artifact(parent, Path(predictions))
+        for name in ("mmlu_predictions", "throughput_plot"):
+            path = summary.artifacts.get(name)
+            if path and parent:
+                tracker.log_artifact(parent, Path(path))
         _prefect_artifact(summary)
     finally:
         tracker.finish("FAILED" if error else "FINISHED")

@@ -20,7 +20,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from quant_release import calibration
-from quant_release.engines import ENGINES, BuiltinOptions
+from quant_release.engines import ENGINES, BuiltinOptions, TensorrtLlmOptions, VllmOptions
 from quant_release.errors import ConfigError
 from quant_release.stages import STAGES, StageName
 
@@ -117,6 +117,8 @@ class EngineConfig(_Section):
     )
     # One options section per registered engine, named after it (checked below).
     builtin: BuiltinOptions = Field(default_factory=BuiltinOptions)
+    tensorrt_llm: TensorrtLlmOptions = Field(default_factory=TensorrtLlmOptions)
+    vllm: VllmOptions = Field(default_factory=VllmOptions)
 
     @field_validator("kind")
     @classmethod
@@ -168,20 +170,56 @@ class MmluConfig(_Section):
 
 
 class BenchmarkConfig(_Section):
-    """Offline throughput, BF16 vs FP8, on the same engine."""
+    """Offline throughput, BF16 vs FP8, on the same engine and requests (trtllm-bench style)."""
 
     enabled: bool = Field(True, description="run the throughput benchmark", json_schema_extra=_cli("--bench"))
-    num_requests: int = Field(16, ge=1, description="requests per variant", json_schema_extra=_cli("--bench-requests"))
-    batch_size: int = Field(8, ge=1, description="requests in flight", json_schema_extra=_cli("--bench-batch-size"))
-    input_len: int = Field(
-        128, ge=1, description="prompt tokens per request", json_schema_extra=_cli("--bench-input-len")
+    dataset: str = Field(
+        "token-norm-dist",
+        description=(
+            "token-norm-dist (normally distributed prompt/output lengths, prompts cut from held-out text, like "
+            "trtllm-bench prepare_dataset) or prompt-file:PATH (.txt one prompt per line, .jsonl with 'prompt' "
+            "and optional 'output_tokens')"
+        ),
+        json_schema_extra=_cli("--bench-dataset"),
     )
-    output_len: int = Field(
-        64, ge=1, description="generated tokens per request (EOS ignored)", json_schema_extra=_cli("--bench-output-len")
+    num_requests: int = Field(16, ge=1, description="requests per variant", json_schema_extra=_cli("--bench-requests"))
+    concurrency: list[int] = Field(
+        default_factory=lambda: [8],
+        min_length=1,
+        description="requests in flight; several values run a sweep (the highest is the headline)",
+        json_schema_extra=_cli("--bench-concurrency"),
+    )
+    input_mean: int = Field(
+        128, ge=1, description="mean prompt tokens per request", json_schema_extra=_cli("--bench-input-len")
+    )
+    input_stdev: int = Field(0, ge=0, description="prompt length stdev", json_schema_extra=_cli("--bench-input-stdev"))
+    output_mean: int = Field(
+        64,
+        ge=1,
+        description="mean generated tokens per request (EOS ignored)",
+        json_schema_extra=_cli("--bench-output-len"),
+    )
+    output_stdev: int = Field(
+        0, ge=0, description="generated length stdev", json_schema_extra=_cli("--bench-output-stdev")
     )
     warmup_requests: int = Field(
         2, ge=0, description="untimed requests first", json_schema_extra=_cli("--bench-warmup")
     )
+    seed: int = Field(0, description="seed for request lengths", json_schema_extra=_cli("--bench-seed"))
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        if value != "token-norm-dist" and not (value.startswith("prompt-file:") and len(value) > len("prompt-file:")):
+            raise ValueError("expected token-norm-dist or prompt-file:PATH")
+        return value
+
+    @field_validator("concurrency")
+    @classmethod
+    def _positive_sorted(cls, value: list[int]) -> list[int]:
+        if any(c < 1 for c in value):
+            raise ValueError("every concurrency must be at least 1")
+        return sorted(set(value))
 
 
 class PublishConfig(_Section):

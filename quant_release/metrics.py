@@ -123,7 +123,7 @@ VOCABULARY: tuple[Metric[Any], ...] = (
     Metric(
         "throughput/bf16_tok_s",
         ThroughputResult,
-        lambda r: r.bf16.output_tok_s,
+        lambda r: r.bf16.output_throughput,
         "Output tokens/s",
         ".1f",
         summary="throughput_bf16_tok_s",
@@ -132,7 +132,7 @@ VOCABULARY: tuple[Metric[Any], ...] = (
     Metric(
         "throughput/fp8_tok_s",
         ThroughputResult,
-        lambda r: r.fp8.output_tok_s,
+        lambda r: r.fp8.output_throughput,
         "Output tokens/s",
         ".1f",
         summary="throughput_fp8_tok_s",
@@ -157,9 +157,10 @@ VOCABULARY: tuple[Metric[Any], ...] = (
         summary="fp8_top1_agreement",
         headline="fp8",
     ),
-    *_per_variant("throughput/{variant}_req_s", lambda m: m.requests_s, "requests/s", ".3f"),
-    *_per_variant("latency/{variant}_ttft_ms_p50", lambda m: m.ttft_ms_p50, "TTFT p50 (ms)", ".1f"),
-    *_per_variant("latency/{variant}_tpot_ms_p50", lambda m: m.tpot_ms_p50, "TPOT p50 (ms)", ".1f"),
+    *_per_variant("throughput/{variant}_req_s", lambda m: m.request_throughput, "requests/s", ".3f"),
+    *_per_variant("latency/{variant}_ttft_ms_p50", lambda m: m.ttft_ms.p50, "TTFT p50 (ms)", ".1f"),
+    *_per_variant("latency/{variant}_tpot_ms_p50", lambda m: m.tpot_ms.p50, "TPOT p50 (ms)", ".1f"),
+    *_per_variant("latency/{variant}_e2e_ms_p50", lambda m: m.e2e_latency_ms.p50, "end-to-end latency p50 (ms)", ".1f"),
 )
 
 
@@ -171,8 +172,15 @@ def _mmlu_categories(r: MmluResult) -> dict[str, float]:
     }
 
 
+def _sweep_speedups(r: ThroughputResult) -> dict[str, float]:
+    return {f"throughput/c{point.concurrency}/fp8_speedup": point.fp8_speedup for point in r.sweep}
+
+
 FAMILIES: tuple[MetricFamily[Any], ...] = (
     MetricFamily("mmlu/{variant}/category/{category}", MmluResult, _mmlu_categories, "MMLU accuracy per category"),
+    MetricFamily(
+        "throughput/c{concurrency}/fp8_speedup", ThroughputResult, _sweep_speedups, "FP8 speedup per concurrency"
+    ),
 )
 
 # Logged by the stage runner, not read from a record: how long a stage took (cached: reading it back).

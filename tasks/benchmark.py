@@ -1,60 +1,77 @@
-"""benchmark: offline throughput of BF16 and FP8 on the same engine, device and workload.
+"""benchmark: offline throughput of BF16 and FP8 on the same engine, device and requests.
 
-Every request has exactly `input_len` prompt tokens (cut from held-out English text) and generates
-exactly `output_len` tokens, EOS ignored, like trtllm-bench's fixed-length datasets, so the two
-variants do identical work and the ratio of their output tokens/s is the FP8 speedup.
+The workload is built once (see `quant_release.benchmarking`: trtllm-bench-style normally distributed
+lengths, or a prompt file) and sent to both variants at each concurrency of the sweep; every request
+generates exactly its output length, EOS ignored, so the two variants do identical work and the ratio
+of their output tokens/s is the FP8 speedup. A throughput-vs-latency plot goes beside the record.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from quant_release import textdata
+from quant_release import benchmarking
 from quant_release.config import BenchmarkConfig
-from quant_release.engines import BenchmarkWorkload, LoadedEngine
+from quant_release.engines import BenchmarkRequest
 from quant_release.engines.pool import EnginePool
 from quant_release.progress import Progress
-from quant_release.records import Engines, ThroughputMeasurement, ThroughputResult
+from quant_release.records import Engines, ThroughputResult
 from quant_release.stage import RunContext, stage_task
-
-PROMPT_SEED = 1
 
 
 def cache_inputs(config: BenchmarkConfig) -> dict[str, Any]:
     return config.model_dump(exclude={"enabled"})
 
 
-def workload(config: BenchmarkConfig, engine: LoadedEngine) -> BenchmarkWorkload:
-    count = config.num_requests + config.warmup_requests
-    prompts = textdata.token_windows(
-        textdata.python_docs("heldout"), engine.encode, count, config.input_len, PROMPT_SEED
-    )
-    # Warm-up requests come first in the list and are run untimed by the engine.
-    return BenchmarkWorkload(
-        prompts=prompts[config.warmup_requests :],
-        output_len=config.output_len,
-        batch_size=config.batch_size,
-        warmup_requests=config.warmup_requests,
-    )
+def requests_for(
+    config: BenchmarkConfig, encode: Any, max_input: int
+) -> tuple[list[BenchmarkRequest], list[BenchmarkRequest]]:
+    """(timed requests, warm-up requests) for the configured dataset."""
+    if config.dataset.startswith(benchmarking.PROMPT_FILE_PREFIX):
+        path = Path(config.dataset.removeprefix(benchmarking.PROMPT_FILE_PREFIX)).expanduser()
+        requests = benchmarking.prompt_file(
+            path, encode, config.output_mean, config.output_stdev, config.seed, limit=config.num_requests
+        )
+    else:
+        requests = benchmarking.token_norm_dist(
+            encode,
+            config.num_requests,
+            config.input_mean,
+            config.input_stdev,
+            config.output_mean,
+            config.output_stdev,
+            config.seed,
+            max_input,
+        )
+    return requests, requests[: config.warmup_requests]
 
 
-def run_benchmark(config: BenchmarkConfig, engines: Engines, pool: EnginePool, progress: Progress) -> ThroughputResult:
-    measured: dict[str, ThroughputMeasurement] = {}
-    for variant, handle in (("bf16", engines.bf16), ("fp8", engines.fp8)):
-        engine = pool.get(handle)
-        work = workload(config, engine)
-        on_step = progress.bound_step("benchmark", f"{variant} requests")
-        measured[variant] = engine.benchmark(work, on_step)
-        progress.note("benchmark", f"{variant}: {measured[variant].output_tok_s:.1f} output tok/s")
+def run_benchmark(
+    config: BenchmarkConfig, engines: Engines, pool: EnginePool, out_dir: Path, progress: Progress
+) -> ThroughputResult:
+    bf16 = pool.get(engines.bf16)
+    requests, warmup = requests_for(config, bf16.encode, max_input=1 << 20)
+    info = benchmarking.describe(config.dataset, requests, config.seed)
+    progress.note(
+        "benchmark",
+        f"{info.requests} requests, input {info.input_mean:.0f}±{info.input_stdev:.0f}, "
+        f"output {info.output_mean:.0f}±{info.output_stdev:.0f} tokens, concurrency {config.concurrency}",
+    )
+    points = benchmarking.run_sweep(
+        {"bf16": engines.bf16, "fp8": engines.fp8},
+        pool.get,
+        requests,
+        warmup,
+        config.concurrency,
+        on_step=lambda what: progress.bound_step("benchmark", what),
+        note=lambda message: progress.note("benchmark", message),
+    )
+    plot = benchmarking.plot_sweep(
+        points, f"{engines.kind} engine on {engines.device_name}", out_dir / "throughput_latency.png"
+    )
     return ThroughputResult(
-        engine=engines.kind,
-        device_name=engines.device_name,
-        batch_size=config.batch_size,
-        input_len=config.input_len,
-        output_len=config.output_len,
-        bf16=measured["bf16"],
-        fp8=measured["fp8"],
-        fp8_speedup=measured["fp8"].output_tok_s / measured["bf16"].output_tok_s,
+        engine=engines.kind, device_name=engines.device_name, workload=info, sweep=points, plot_file=plot
     )
 
 
@@ -64,5 +81,5 @@ def benchmark_task(ctx: RunContext) -> ThroughputResult:
     return ctx.runner.run(
         "benchmark",
         cache_inputs(config),
-        lambda _work: run_benchmark(config, engines, ctx.runner.engines, ctx.progress),
+        lambda work: run_benchmark(config, engines, ctx.runner.engines, work.dir, ctx.progress),
     )

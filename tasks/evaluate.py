@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +35,7 @@ def score_variant(
     variant: Variant,
 ) -> dict[str, list[float]]:
     """Log-probs of the four letters for every prompt; prompts sharing a few-shot prefix go together."""
-    out: dict[str, list[float]] = {}
-    done = 0
-    for _, group_iter in groupby(prompts, key=lambda p: p.prefix):
-        group = list(group_iter)
-        rows = engine.score_choices([p.text for p in group], list(mmlu.ANSWER_CANDIDATES))
-        for prompt, row in zip(group, rows, strict=True):
-            out[prompt.question_id] = row
-        done += len(group)
-        progress.step("evaluate", f"{variant} questions", done, len(prompts))
-    return out
+    return mmlu.score_prompts(engine, prompts, progress.bound_step("evaluate", f"{variant} questions"))
 
 
 def run_evaluate(

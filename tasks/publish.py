@@ -63,11 +63,14 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def assemble_folder(checkpoint: QuantizedCheckpoint, card: str, folder: Path) -> None:
+def assemble_folder(checkpoint: QuantizedCheckpoint, card: str, folder: Path, extra: list[Path] | None = None) -> None:
+    """Checkpoint files, the card, and the files the card shows (plots)."""
     folder.mkdir(parents=True)
     for item in sorted(checkpoint.checkpoint_dir.iterdir()):
         if item.is_file():
             _link_or_copy(item, folder / item.name)
+    for item in extra or []:
+        shutil.copy2(item, folder / item.name)
     (folder / "README.md").write_text(card)
 
 
@@ -100,7 +103,8 @@ def run_publish(
         # Before anything is stored: a card the Hub rejects must not leave a complete-looking release behind.
         validate_card_on_hub(card, settings.hf_endpoint)
     folder = out_dir / "release"
-    assemble_folder(inputs.checkpoint, card, folder)
+    plots = [inputs.throughput.plot_file] if inputs.throughput and inputs.throughput.plot_file else []
+    assemble_folder(inputs.checkpoint, card, folder, plots)
     files = digest_dir(folder)
     progress.note("publish", f"release folder ready: {len(files)} files")
     release_store = store.child(f"releases/{key}")

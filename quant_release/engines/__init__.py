@@ -7,8 +7,9 @@ and packages that shape its results (part of the build, evaluate and benchmark c
 backend module implementing `base.EngineBackend`, imported only when the engine is used, so that
 `--help` and preflight never load torch, tensorrt_llm or vllm.
 
-Adding an engine: a module with its backend, an options model and one `register(EngineSpec(...))`
-below, and its options section in `config.EngineConfig` (see docs/architecture.md).
+Adding an engine: a module with its backend, an options model in `options.py`, one
+`register(EngineSpec(...))` below, and its options section in `config.EngineConfig` (see
+docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -16,22 +17,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from dataclasses import dataclass
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from quant_release.engines.base import BenchmarkWorkload, EngineBackend, LoadedEngine, StepCallback
+from quant_release.engines.base import BenchmarkRequest, BenchmarkWorkload, EngineBackend, LoadedEngine, StepCallback
+from quant_release.engines.options import BuiltinOptions, EngineOptions, TensorrtLlmOptions, VllmOptions
 from quant_release.errors import EngineUnavailableError
-
-
-class EngineOptions(BaseModel):
-    """Base of every engine's options: a section of the config, typos rejected."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    def as_handle_options(self) -> dict[str, str]:
-        """The options as `EngineBackend.prepare` takes them (strings, recorded in the engine handle)."""
-        return {name: str(value) for name, value in self.model_dump(mode="json").items()}
 
 
 @dataclass(frozen=True)
@@ -85,35 +74,54 @@ def get_backend(kind: str) -> EngineBackend:
 
 # --- the engines --------------------------------------------------------------------------------------
 
-
-class BuiltinOptions(EngineOptions):
-    """Options of the built-in PyTorch engine."""
-
-    fp8_gemm: Literal["auto", "scaled_mm", "emulated"] = Field(
-        "auto",
-        description=(
-            "how FP8 layers compute: scaled_mm (real FP8 tensor-core GEMM, sm_89+), emulated (FP8 "
-            "weights and FP8-rounded activations, BF16 math; any device); auto: scaled_mm where supported"
-        ),
-        json_schema_extra={"cli": "--fp8-gemm"},
-    )
-
-
 register(
     EngineSpec(
         name="builtin",
-        description="builtin: PyTorch engine (CPU, and real FP8 GEMMs on Hopper/Ada GPUs)",
+        description="builtin: our PyTorch engine (CPU; compiled, CUDA-graph decode and FP8 GEMMs on Hopper/Ada)",
         options=BuiltinOptions,
         backend="quant_release.engines.builtin:BuiltinBackend",
-        sources=("quant_release.engines.builtin", "quant_release.engines.fp8"),
-        packages=("torch", "transformers", "safetensors"),
-        requires=("torch", "transformers", "safetensors", "accelerate"),
+        sources=(
+            "quant_release.engines.builtin",
+            "quant_release.engines.llama",
+            "quant_release.engines.runtime",
+            "quant_release.engines.attention",
+            "quant_release.engines.triton_kernels",
+            "quant_release.engines.checkpoint",
+            "quant_release.engines.bench_report",
+        ),
+        packages=("torch", "transformers", "safetensors", "triton"),
+        requires=("torch", "transformers", "safetensors"),
+    )
+)
+register(
+    EngineSpec(
+        name="tensorrt_llm",
+        description="tensorrt_llm: NVIDIA TensorRT-LLM (PyTorch backend, or trtllm-build engines up to 1.2); GPU only",
+        options=TensorrtLlmOptions,
+        backend="quant_release.engines.tensorrt_llm:TensorrtLlmBackend",
+        sources=("quant_release.engines.tensorrt_llm", "quant_release.engines.bench_report"),
+        packages=("tensorrt_llm", "torch", "transformers"),
+        requires=("tensorrt_llm",),
+        devices=("cuda",),
+    )
+)
+register(
+    EngineSpec(
+        name="vllm",
+        description="vllm: vLLM offline engine (modelopt FP8 checkpoints); GPU only",
+        options=VllmOptions,
+        backend="quant_release.engines.vllm:VllmBackend",
+        sources=("quant_release.engines.vllm", "quant_release.engines.bench_report"),
+        packages=("vllm", "torch", "transformers"),
+        requires=("vllm",),
+        devices=("cuda",),
     )
 )
 
 
 __all__ = [
     "ENGINES",
+    "BenchmarkRequest",
     "BenchmarkWorkload",
     "BuiltinOptions",
     "EngineBackend",
@@ -121,6 +129,8 @@ __all__ = [
     "EngineSpec",
     "LoadedEngine",
     "StepCallback",
+    "TensorrtLlmOptions",
+    "VllmOptions",
     "check_available",
     "engine_spec",
     "get_backend",

@@ -2,8 +2,8 @@
 
 An engine *backend* prepares a variant (BF16 or FP8) once, in the build stage, into an `EngineHandle`
 (a directory plus options: for TensorRT-LLM that is a compiled engine, for the built-in engine the
-checkpoint itself). Later stages load the handle and ask the loaded engine for exactly three things:
-answer-choice scores (MMLU), greedy next tokens (the fidelity probe) and a throughput measurement.
+checkpoint itself). Later stages load the handle and ask the loaded engine for: answer-choice scores
+and greedy generation (MMLU), greedy next tokens (the fidelity probe) and a throughput measurement.
 """
 
 from __future__ import annotations
@@ -20,13 +20,20 @@ StepCallback = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
-class BenchmarkWorkload:
-    """Fixed-length requests, so BF16 and FP8 see identical work: prompt ids in, `output_len` tokens out."""
+class BenchmarkRequest:
+    """Prompt token ids in, exactly `output_len` tokens out (EOS ignored), as in trtllm-bench datasets."""
 
-    prompts: Sequence[Sequence[int]]
+    prompt: tuple[int, ...]
     output_len: int
-    batch_size: int
-    warmup_requests: int
+
+
+@dataclass(frozen=True)
+class BenchmarkWorkload:
+    """The same requests for BF16 and FP8, at most `concurrency` in flight; `warmup` runs first, untimed."""
+
+    requests: Sequence[BenchmarkRequest]
+    concurrency: int
+    warmup: Sequence[BenchmarkRequest] = ()
 
 
 class LoadedEngine(Protocol):
@@ -55,9 +62,21 @@ class LoadedEngine(Protocol):
         """Argmax next token at every position of each sequence (teacher forcing)."""
         ...
 
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        stop_token_ids: Sequence[int] = (),
+        on_step: StepCallback | None = None,
+    ) -> list[list[int]]:
+        """Greedy continuations of each prompt: the new tokens only, ending before a stop token."""
+        ...
+
     def benchmark(self, workload: BenchmarkWorkload, on_step: StepCallback | None = None) -> ThroughputMeasurement: ...
 
     def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
 
     def close(self) -> None: ...
 

@@ -1,4 +1,4 @@
-"""Loaded engines kept between stages, so evaluate and benchmark do not load the same weights twice."""
+"""Loaded engines kept across stages, so evaluate and benchmark do not load the same weights twice."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from quant_release.records import EngineHandle
 
 
 class EnginePool:
-    """The last `capacity` loaded engines, least recently used closed first."""
+    """Keeps the last few loaded engines so evaluate and benchmark do not load the same weights twice."""
 
     def __init__(self, capacity: int = 2) -> None:
         self.capacity = capacity

@@ -64,7 +64,7 @@ def release_run(
         "--mmlu-subjects", *SUBJECTS,
         "--mmlu-questions", str(QUESTIONS_PER_SUBJECT),
         "--calib-samples", "16",
-        "--bench-requests", "4", "--bench-batch-size", "4", "--bench-output-len", "16",
+        "--bench-requests", "4", "--bench-concurrency", "4", "--bench-output-len", "16",
         "--push-to-hub", "--hub-repo-id", repo_id,
         "--experiment", "e2e-smollm2",
     ]  # fmt: skip
@@ -138,7 +138,7 @@ def test_mlflow_has_a_parent_run_with_six_nested_stage_runs(
     )
     assert by_stage["quantize"].data.params["calib_samples"] == "16"  # a stage logs its cache inputs
     assert {a.path for a in client.list_artifacts(by_stage["quantize"].info.run_id)} == {"record.json"}
-    assert "summary.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.json", "throughput_latency.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 def test_mlflow_artifacts_live_in_s3(summary: dict[str, Any], mlflow_server: MlflowServer, s3_server: S3Server) -> None:
@@ -183,6 +183,7 @@ def test_hub_repo_holds_the_release_folder(summary: dict[str, Any], hub_server: 
     folder = Path(summary["artifacts"]["release_folder"])
     assert remote == {p.name: p.stat().st_size for p in folder.iterdir()}
     assert {"model.safetensors", "hf_quant_config.json", "config.json", "tokenizer.json", "README.md"} <= set(remote)
+    assert remote["throughput_latency.png"] > 5000  # the card's throughput-vs-latency plot, beside it
     card_url = f"{hub_server.endpoint}/{repo_id}/resolve/{summary['hub']['revision']}/README.md"
     card = httpx.get(card_url, headers={"authorization": f"Bearer {hub_server.token}"}).text
     assert card == Path(summary["artifacts"]["model_card"]).read_text()
@@ -202,6 +203,7 @@ def test_model_card_numbers_equal_the_summary(summary: dict[str, Any]) -> None:
     assert f"{100 * m['fp8_top1_agreement']:.2f}%" in card
     assert summary["run_id"] in card
     assert "emulated" in card  # this CPU has no FP8 units, and the card says so
+    assert "](throughput_latency.png)" in card
 
 
 def test_prefect_recorded_the_flow_run(summary: dict[str, Any], prefect_server: PrefectServer) -> None:

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 CLI = str(Path(sys.executable).parent / "quant-release")
 SMALL_RUN = [
     "--mmlu-subjects", "abstract_algebra", "--mmlu-questions", "1", "--mmlu-shots", "1",
-    "--bench-requests", "2", "--bench-batch-size", "2", "--bench-input-len", "16", "--bench-output-len", "4",
+    "--bench-requests", "2", "--bench-concurrency", "2", "--bench-input-len", "16", "--bench-output-len", "4",
     "--bench-warmup", "0",
     "--calib-samples", "4", "--calib-seq-len", "32",
 ]  # fmt: skip
@@ -233,7 +233,7 @@ def test_first_run_completes_every_stage(setup: FlowSetup, first: Invocation) ->
         f"quant-release/runs/{run_id}/{name}.json" for name in ("benchmark", "evaluate", "summary")
     ]
     parent_artifacts = {a.path for a in MlflowClient(tracking_uri=setup.mlflow.tracking_uri).list_artifacts(parent_id)}
-    assert parent_artifacts == {"summary.json", "summary.txt", "predictions.jsonl"}
+    assert parent_artifacts == {"summary.json", "summary.txt", "predictions.jsonl", "throughput_latency.png"}
 
 
 def test_second_run_reuses_every_stage(setup: FlowSetup, first: Invocation, second: Invocation) -> None:

@@ -32,7 +32,6 @@ from quant_release.records import (
     QuantizedCheckpoint,
     Release,
     Results,
-    ThroughputMeasurement,
     ThroughputResult,
 )
 from quant_release.storage import MANIFEST_NAME, Manifest, open_store
@@ -40,6 +39,7 @@ from tasks.publish import check_publish, run_publish
 from tests.support.hub_fixtures import HubServer
 from tests.support.servers import S3Server
 from tests.support.stage_fixtures import HubClient
+from tests.support.throughput import throughput
 
 pytestmark = pytest.mark.integration
 
@@ -137,31 +137,8 @@ def _mmlu(tmp_path: Path) -> MmluResult:
     )
 
 
-def _measurement(tok_s: float) -> ThroughputMeasurement:
-    return ThroughputMeasurement(
-        requests=16,
-        output_tokens=1024,
-        seconds=1024 / tok_s,
-        output_tok_s=tok_s,
-        requests_s=16 / (1024 / tok_s),
-        ttft_ms_p50=212.5,
-        ttft_ms_p90=240.1,
-        tpot_ms_p50=57.8,
-        tpot_ms_p90=61.0,
-    )
-
-
 def _throughput() -> ThroughputResult:
-    return ThroughputResult(
-        engine="builtin",
-        device_name="CPU (2 threads)",
-        batch_size=8,
-        input_len=128,
-        output_len=64,
-        bf16=_measurement(138.2),
-        fp8=_measurement(96.7),
-        fp8_speedup=96.7 / 138.2,
-    )
+    return throughput(138.2, 96.7)
 
 
 @pytest.fixture

@@ -120,20 +120,20 @@ def test_flag_values_land_in_the_right_fields() -> None:
 def test_precedence_defaults_then_file_then_flags(tmp_path: Path) -> None:
     config_file = _write(
         tmp_path / "release.yaml",
-        "mmlu:\n  num_fewshot: 2\n  questions_per_subject: 7\nbenchmark:\n  batch_size: 3\n",
+        "mmlu:\n  num_fewshot: 2\n  questions_per_subject: 7\nbenchmark:\n  concurrency: [3]\n",
     )
     defaults = ReleaseConfig()
     from_file = _parse("--config", str(config_file))
     assert from_file.mmlu.num_fewshot == 2
     assert from_file.mmlu.questions_per_subject == 7
-    assert from_file.benchmark.batch_size == 3
+    assert from_file.benchmark.concurrency == [3]
     # Untouched options keep their defaults, also inside a section the file names.
     assert from_file.mmlu.max_seq_len == defaults.mmlu.max_seq_len
     assert from_file.source == defaults.source
 
-    both = _parse("--config", str(config_file), "--mmlu-shots", "4", "--bench-batch-size", "5")
+    both = _parse("--config", str(config_file), "--mmlu-shots", "4", "--bench-concurrency", "5", "1")
     assert both.mmlu.num_fewshot == 4  # flag beats file
-    assert both.benchmark.batch_size == 5
+    assert both.benchmark.concurrency == [1, 5]
     assert both.mmlu.questions_per_subject == 7  # file beats default where no flag is given
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -11,7 +12,15 @@ import pytest
 from flows.cli import build_parser, config_from_args
 from quant_release import engines
 from quant_release.config import EngineConfig, ReleaseConfig, build_config
-from quant_release.engines import ENGINES, BuiltinOptions, EngineOptions, EngineSpec, engine_spec, get_backend
+from quant_release.engines import (
+    ENGINES,
+    BuiltinOptions,
+    EngineOptions,
+    EngineSpec,
+    VllmOptions,
+    engine_spec,
+    get_backend,
+)
 from quant_release.errors import ConfigError
 
 
@@ -37,23 +46,44 @@ def test_fp8_gemm_flag_sets_the_builtin_engines_option() -> None:
     args = build_parser().parse_args(["run", "--fp8-gemm", "emulated", "--engine", "builtin"])
     config = config_from_args(args)
     assert config.engine.builtin.fp8_gemm == "emulated"
-    assert config.engine.options().model_dump() == {"fp8_gemm": "emulated"}
+    assert config.engine.options() == BuiltinOptions(fp8_gemm="emulated")
+
+
+def test_engine_options_flags_land_in_their_engines_section() -> None:
+    args = build_parser().parse_args(
+        ["run", "--engine", "vllm", "--vllm-tp", "2", "--vllm-enforce-eager", "--trtllm-backend", "tensorrt"]
+    )
+    config = config_from_args(args)
+    assert config.engine.kind == "vllm"
+    assert config.engine.options() == VllmOptions(tensor_parallel_size=2, enforce_eager=True)
+    assert config.engine.tensorrt_llm.backend == "tensorrt"
 
 
 def test_engine_choices_come_from_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
     schema = ReleaseConfig.model_json_schema()
     assert schema["$defs"]["EngineConfig"]["properties"]["kind"]["enum"] == list(ENGINES)
+    assert {"builtin", "tensorrt_llm", "vllm"} <= set(ENGINES)
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["run", "--engine", "vllm"])
-    assert "invalid choice: 'vllm'" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match=r"engine\.kind: .*unknown engine 'vllm'"):
-        build_config({"engine": {"kind": "vllm"}})
+        build_parser().parse_args(["run", "--engine", "sglang"])
+    assert "invalid choice: 'sglang'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"engine\.kind: .*unknown engine 'sglang'"):
+        build_config({"engine": {"kind": "sglang"}})
     with pytest.raises(ConfigError, match=r"engine\.builtin\.fp8_gemm"):
         build_config({"engine": {"builtin": {"fp8_gemm": "fast"}}})
 
 
 def test_handle_options_are_strings() -> None:
-    assert BuiltinOptions(fp8_gemm="scaled_mm").as_handle_options() == {"fp8_gemm": "scaled_mm"}
+    assert BuiltinOptions(fp8_gemm="scaled_mm", compile=False).as_handle_options() == {
+        "fp8_gemm": "scaled_mm",
+        "max_batch_size": "256",
+        "compile": "false",
+    }
+    # None is left out: the backend then uses the engine's own default.
+    assert VllmOptions().as_handle_options() == {
+        "tensor_parallel_size": "1",
+        "gpu_memory_utilization": "0.9",
+        "enforce_eager": "false",
+    }
 
 
 def test_an_engine_registered_twice_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,3 +128,16 @@ def test_preflight_check_needs_the_engines_modules_and_device(monkeypatch: pytes
     assert info.value.exit_code == 4
     with pytest.raises(EngineUnavailableError, match="needs no_such_mod_qr, which is not installed"):
         engines.check_available("gpu-only", "cuda")
+
+
+def test_gpu_engines_are_refused_at_preflight_without_their_package_or_gpu() -> None:
+    # Neither tensorrt_llm nor vllm has a wheel for this project's CI machines: the check must say so in
+    # one line, before any stage runs, without importing anything heavy.
+    from quant_release.errors import EngineUnavailableError
+
+    for kind, package in (("tensorrt_llm", "tensorrt_llm"), ("vllm", "vllm")):
+        with pytest.raises(EngineUnavailableError, match=f"engine {kind} does not run on cpu"):
+            engines.check_available(kind, "cpu")
+        if importlib.util.find_spec(package) is None:
+            with pytest.raises(EngineUnavailableError, match=f"engine {kind} needs {package}, which is not installed"):
+                engines.check_available(kind, "cuda")

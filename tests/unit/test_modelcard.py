@@ -19,9 +19,9 @@ from quant_release.records import (
     MmluScores,
     ModelSource,
     QuantizedCheckpoint,
-    ThroughputMeasurement,
     ThroughputResult,
 )
+from tests.support.throughput import throughput
 
 VERSIONS = {"python": "3.11.7", "torch": "2.13.0", "nvidia-modelopt": "0.40.0"}
 
@@ -113,33 +113,8 @@ def _mmlu() -> MmluResult:
     )
 
 
-def _measurement(tok_s: float, scale: float) -> ThroughputMeasurement:
-    return ThroughputMeasurement(
-        requests=16,
-        output_tokens=1024,
-        seconds=1024 / tok_s,
-        output_tok_s=tok_s,
-        requests_s=16 / (1024 / tok_s),
-        ttft_ms_p50=12.345 * scale,
-        ttft_ms_p90=18.765 * scale,
-        tpot_ms_p50=4.449 * scale,
-        tpot_ms_p90=5.551 * scale,
-    )
-
-
 def _throughput() -> ThroughputResult:
-    bf16 = _measurement(1234.5678, 1.0)
-    fp8 = _measurement(2071.04, 0.7)
-    return ThroughputResult(
-        engine="builtin",
-        device_name="NVIDIA H100 80GB HBM3",
-        batch_size=8,
-        input_len=128,
-        output_len=64,
-        bf16=bf16,
-        fp8=fp8,
-        fp8_speedup=fp8.output_tok_s / bf16.output_tok_s,
-    )
+    return throughput(1234.5678, 2071.04, device_name="NVIDIA H100 80GB HBM3")
 
 
 def _inputs(**overrides: Any) -> modelcard.CardInputs:
@@ -271,17 +246,26 @@ def test_throughput_table_equals_records() -> None:
     t = inputs.throughput
     assert t is not None
     rows = {r[0]: r[1:] for r in _table_rows(modelcard.render(inputs))}
-    assert rows["Output tokens/s"] == [f"{t.bf16.output_tok_s:.1f}", f"{t.fp8.output_tok_s:.1f}"]
+    assert rows["Output tokens/s"] == [f"{t.bf16.output_throughput:.1f}", f"{t.fp8.output_throughput:.1f}"]
     assert rows["Output tokens/s"] == ["1234.6", "2071.0"]
-    assert rows["Requests/s"] == [f"{t.bf16.requests_s:.3f}", f"{t.fp8.requests_s:.3f}"]
-    assert rows["TTFT p50 / p90 (ms)"] == [
-        f"{t.bf16.ttft_ms_p50:.1f} / {t.bf16.ttft_ms_p90:.1f}",
-        f"{t.fp8.ttft_ms_p50:.1f} / {t.fp8.ttft_ms_p90:.1f}",
+    assert rows["Requests/s"] == [f"{t.bf16.request_throughput:.3f}", f"{t.fp8.request_throughput:.3f}"]
+    assert rows["Total tokens/s"] == [f"{t.bf16.total_token_throughput:.1f}", f"{t.fp8.total_token_throughput:.1f}"]
+    assert rows["TTFT p50 / p90 / p99 (ms)"] == [
+        f"{t.bf16.ttft_ms.p50:.1f} / {t.bf16.ttft_ms.p90:.1f} / {t.bf16.ttft_ms.p99:.1f}",
+        f"{t.fp8.ttft_ms.p50:.1f} / {t.fp8.ttft_ms.p90:.1f} / {t.fp8.ttft_ms.p99:.1f}",
     ]
-    assert rows["TPOT p50 / p90 (ms)"] == [
-        f"{t.bf16.tpot_ms_p50:.1f} / {t.bf16.tpot_ms_p90:.1f}",
-        f"{t.fp8.tpot_ms_p50:.1f} / {t.fp8.tpot_ms_p90:.1f}",
+    assert rows["TPOT p50 / p90 / p99 (ms)"] == [
+        f"{t.bf16.tpot_ms.p50:.2f} / {t.bf16.tpot_ms.p90:.2f} / {t.bf16.tpot_ms.p99:.2f}",
+        f"{t.fp8.tpot_ms.p50:.2f} / {t.fp8.tpot_ms.p90:.2f} / {t.fp8.tpot_ms.p99:.2f}",
     ]
+    # One row per concurrency of the sweep, with its own ratio.
+    for point in t.sweep:
+        row = rows[str(point.concurrency)]
+        assert row[:3] == [
+            f"{point.bf16.output_throughput:.1f}",
+            f"{point.fp8.output_throughput:.1f}",
+            f"{point.fp8_speedup:.2f}x",
+        ]
 
 
 def test_throughput_text_equals_records() -> None:
@@ -292,8 +276,15 @@ def test_throughput_text_equals_records() -> None:
     assert f"**{t.fp8_speedup:.2f}x**" in card
     assert "**1.68x**" in card
     assert "Measured on **NVIDIA H100 80GB HBM3** with the `builtin` engine: 16 requests" in card
-    assert "batch 8, 128 prompt tokens and 64 generated" in card
+    assert "(`token-norm-dist`: prompts 128 ± 0 tokens,\n64 ± 0 generated tokens" in card
     assert "FP8 GEMMs: `scaled_mm`" in card
+    assert "At concurrency 8:" in card
+    assert "throughput_latency.png" not in card  # no plot file in this record
+
+
+def test_the_plot_is_shown_when_the_record_has_one(tmp_path: Path) -> None:
+    card = modelcard.render(_inputs(throughput=throughput(1.0, 2.0, plot_file=tmp_path / "throughput_latency.png")))
+    assert "![Output tokens/s against time per output token, BF16 and FP8](throughput_latency.png)" in card
 
 
 def test_model_table_equals_records() -> None:

@@ -87,8 +87,8 @@ def test_summary_has_every_required_key() -> None:
     metrics = data["metrics"]
     assert metrics["mmlu_bf16"] == records["evaluate"].bf16.accuracy
     assert metrics["mmlu_fp8"] == records["evaluate"].fp8.accuracy
-    assert metrics["throughput_bf16_tok_s"] == records["benchmark"].bf16.output_tok_s
-    assert metrics["throughput_fp8_tok_s"] == records["benchmark"].fp8.output_tok_s
+    assert metrics["throughput_bf16_tok_s"] == records["benchmark"].bf16.output_throughput
+    assert metrics["throughput_fp8_tok_s"] == records["benchmark"].fp8.output_throughput
     assert metrics["fp8_speedup"] == records["benchmark"].fp8_speedup
     assert metrics["fp8_top1_agreement"] == records["build"].top1_agreement
     assert data["artifacts"]["checkpoint_dir"] == str(records["quantize"].checkpoint_dir)
@@ -118,7 +118,7 @@ def test_parent_metrics_use_the_stable_keys() -> None:
     assert metrics["mmlu/bf16"] == records["evaluate"].bf16.accuracy
     assert metrics["mmlu/fp8"] == records["evaluate"].fp8.accuracy
     assert metrics["mmlu/fp8/category/stem"] == records["evaluate"].fp8.per_category["stem"]
-    assert metrics["throughput/fp8_tok_s"] == records["benchmark"].fp8.output_tok_s
+    assert metrics["throughput/fp8_tok_s"] == records["benchmark"].fp8.output_throughput
     assert metrics["fp8_speedup"] == records["benchmark"].fp8_speedup
     assert metrics["stage/quantize/seconds"] == 20.0
 

@@ -1,0 +1,221 @@
+"""Triton kernels of the built-in engine (imported only where Triton and a GPU exist; see `attention.py`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_rotated(
+    qkv_ptr, col_scale_ptr, cos, sin, row, head, offs_d, rows_mask, head_dim: tl.constexpr, scaled: tl.constexpr
+) -> Any:
+    """Rows `head` of one token's QKV projection output, channel-scaled and rotated (RoPE), in BF16.
+
+    Rounds where transformers rounds: the scaled projection to BF16, then x*cos, rot(x)*sin and
+    their sum each to BF16.
+    """
+    half: tl.constexpr = head_dim // 2
+    partner = (offs_d + half) % head_dim
+    cols = head[:, None] * head_dim + offs_d[None, :]
+    partner_cols = head[:, None] * head_dim + partner[None, :]
+    x = tl.load(qkv_ptr + row + cols, mask=rows_mask[:, None], other=0.0).to(tl.float32)
+    x_partner = tl.load(qkv_ptr + row + partner_cols, mask=rows_mask[:, None], other=0.0).to(tl.float32)
+    if scaled:
+        x = x * tl.load(col_scale_ptr + cols, mask=rows_mask[:, None], other=0.0)
+        x_partner = x_partner * tl.load(col_scale_ptr + partner_cols, mask=rows_mask[:, None], other=0.0)
+        x = x.to(tl.bfloat16).to(tl.float32)
+        x_partner = x_partner.to(tl.bfloat16).to(tl.float32)
+    rotated = tl.where(offs_d[None, :] < half, -x_partner, x_partner)
+    first = (x * cos[None, :]).to(tl.bfloat16).to(tl.float32)
+    second = (rotated * sin[None, :]).to(tl.bfloat16).to(tl.float32)
+    return (first + second).to(tl.bfloat16)
+
+
+@triton.jit
+def attend_block(
+    q,
+    k_ptr,
+    v_ptr,
+    cache_base,
+    n0,
+    last,
+    offs_n,
+    offs_d,
+    scale,
+    m_i,
+    l_i,
+    acc,
+    head_dim: tl.constexpr,
+    interpreted: tl.constexpr,
+) -> Any:
+    """Online-softmax update of one block of cached keys [n0, n0 + block) (keys at or past `last` masked).
+
+    `interpreted`: Triton's CPU interpreter multiplies BF16 tiles wrongly (numpy has no BF16), so
+    there the products run in fp32; on a GPU they are BF16 tensor-core products with fp32 accumulation.
+    """
+    cols = n0 + offs_n
+    n_mask = cols < last
+    k = tl.load(k_ptr + cache_base + cols[:, None] * head_dim + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+    if interpreted:
+        scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+    else:
+        scores = tl.dot(q, tl.trans(k)) * scale
+    scores = tl.where(n_mask[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    # A block with no valid key (static bounds only) leaves everything as it was.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(scores - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    v = tl.load(v_ptr + cache_base + cols[:, None] * head_dim + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+    if interpreted:
+        update = tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+    else:
+        update = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + update
+
+
+@triton.jit
+def attend_kernel(
+    qkv_ptr,
+    col_scale_ptr,
+    cos_ptr,
+    sin_ptr,
+    k_ptr,
+    v_ptr,
+    pos_ptr,
+    out_ptr,
+    out_scale_ptr,
+    acc_ptr,
+    stats_ptr,
+    scale,
+    stride_qkv,
+    stride_cache_slot,
+    stride_cache_head,
+    num_splits,
+    split_tokens,
+    kv_heads: tl.constexpr,
+    group: tl.constexpr,
+    block_group: tl.constexpr,
+    head_dim: tl.constexpr,
+    block_keys: tl.constexpr,
+    max_blocks: tl.constexpr,
+    scaled: tl.constexpr,
+    single: tl.constexpr,
+    quantize: tl.constexpr,
+    dynamic_bounds: tl.constexpr,
+    fp8_max: tl.constexpr,
+) -> None:
+    slot = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    heads: tl.constexpr = kv_heads * group
+    pos = tl.load(pos_ptr + slot)  # the new token's position; keys 0..pos-1 are in the cache
+    offs_g = tl.arange(0, block_group)
+    offs_d = tl.arange(0, head_dim)
+    offs_n = tl.arange(0, block_keys)
+    g_mask = offs_g < group
+    row = slot * stride_qkv
+    cos = tl.load(cos_ptr + pos * head_dim + offs_d).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * head_dim + offs_d).to(tl.float32)
+    q = load_rotated(qkv_ptr, col_scale_ptr, cos, sin, row, kv_head * group + offs_g, offs_d, g_mask, head_dim, scaled)
+    cache_base = slot * stride_cache_slot + kv_head * stride_cache_head
+    m_i = tl.full([block_group], float("-inf"), tl.float32)
+    l_i = tl.zeros([block_group], tl.float32)
+    acc = tl.zeros([block_group, head_dim], tl.float32)
+    first = split * split_tokens
+    last = tl.minimum(first + split_tokens, pos)
+    if dynamic_bounds:
+        for n0 in range(first, last, block_keys):
+            m_i, l_i, acc = attend_block(
+                q, k_ptr, v_ptr, cache_base, n0, last, offs_n, offs_d, scale, m_i, l_i, acc, head_dim, False
+            )
+    else:  # Triton's CPU interpreter needs loop bounds known before the kernel reads memory
+        for block in range(max_blocks):
+            m_i, l_i, acc = attend_block(
+                q,
+                k_ptr,
+                v_ptr,
+                cache_base,
+                first + block * block_keys,
+                last,
+                offs_n,
+                offs_d,
+                scale,
+                m_i,
+                l_i,
+                acc,
+                head_dim,
+                True,
+            )
+    # The split that holds position `pos` adds the new token and stores its K and V into the cache.
+    if (pos >= first) & (pos < first + split_tokens):
+        kv_heads_mask = offs_g < 1
+        k_new = load_rotated(
+            qkv_ptr, col_scale_ptr, cos, sin, row, heads + kv_head + offs_g, offs_d, kv_heads_mask, head_dim, scaled
+        )
+        v_cols = (heads + kv_heads + kv_head) * head_dim + offs_d
+        v_new = tl.load(qkv_ptr + row + v_cols).to(tl.float32)
+        if scaled:
+            v_new = (v_new * tl.load(col_scale_ptr + v_cols)).to(tl.bfloat16).to(tl.float32)
+        k_row = tl.sum(tl.where(kv_heads_mask[:, None], k_new.to(tl.float32), 0.0), 0)  # row 0 of k_new
+        s_new = tl.sum(q.to(tl.float32) * k_row[None, :], 1) * scale
+        m_new = tl.maximum(m_i, s_new)
+        alpha = tl.exp(m_i - m_new)
+        p_new = tl.exp(s_new - m_new)
+        l_i = l_i * alpha + p_new
+        acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.bfloat16).to(tl.float32)[None, :]
+        m_i = m_new
+        tl.store(k_ptr + cache_base + pos * head_dim + offs_d, k_row.to(tl.bfloat16))
+        tl.store(v_ptr + cache_base + pos * head_dim + offs_d, v_new.to(tl.bfloat16))
+    out_rows = slot * heads + kv_head * group + offs_g
+    if single:
+        out = (acc / l_i[:, None]).to(tl.bfloat16)  # BF16 first: the unfused path quantizes BF16
+        if quantize:
+            quant = tl.clamp(out.to(tl.float32) / tl.load(out_scale_ptr), -fp8_max, fp8_max)
+            tl.store(
+                out_ptr + out_rows[:, None] * head_dim + offs_d[None, :],
+                quant.to(out_ptr.dtype.element_ty),
+                mask=g_mask[:, None],
+            )
+        else:
+            tl.store(out_ptr + out_rows[:, None] * head_dim + offs_d[None, :], out, mask=g_mask[:, None])
+    else:
+        partial = out_rows * num_splits + split
+        tl.store(acc_ptr + partial[:, None] * head_dim + offs_d[None, :], acc, mask=g_mask[:, None])
+        tl.store(stats_ptr + partial * 2, m_i, mask=g_mask)
+        tl.store(stats_ptr + partial * 2 + 1, l_i, mask=g_mask)
+
+
+@triton.jit
+def combine_kernel(
+    acc_ptr,
+    stats_ptr,
+    out_ptr,
+    out_scale_ptr,
+    num_splits,
+    head_dim: tl.constexpr,
+    block_splits: tl.constexpr,
+    quantize: tl.constexpr,
+    fp8_max: tl.constexpr,
+) -> None:
+    row = tl.program_id(0)  # slot * heads + head
+    offs_s = tl.arange(0, block_splits)
+    offs_d = tl.arange(0, head_dim)
+    s_mask = offs_s < num_splits
+    m = tl.load(stats_ptr + (row * num_splits + offs_s) * 2, mask=s_mask, other=float("-inf"))
+    l = tl.load(stats_ptr + (row * num_splits + offs_s) * 2 + 1, mask=s_mask, other=0.0)  # noqa: E741
+    m_max = tl.max(m, 0)
+    weight = tl.where(s_mask & (l > 0), tl.exp(m - m_max), 0.0)
+    denom = tl.sum(l * weight, 0)
+    acc = tl.load(
+        acc_ptr + (row * num_splits + offs_s)[:, None] * head_dim + offs_d[None, :], mask=s_mask[:, None], other=0.0
+    )
+    out = (tl.sum(acc * weight[:, None], 0) / denom).to(tl.bfloat16)
+    if quantize:
+        quant = tl.clamp(out.to(tl.float32) / tl.load(out_scale_ptr), -fp8_max, fp8_max)
+        tl.store(out_ptr + row * head_dim + offs_d, quant.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(out_ptr + row * head_dim + offs_d, out)

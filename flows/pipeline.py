@@ -24,7 +24,7 @@ from quant_release import calibration
 from quant_release import mmlu as mmlu_data
 from quant_release.atomic import write_text_atomic
 from quant_release.config import ReleaseConfig, Settings
-from quant_release.engines import check_available
+from quant_release.engines import check_available, resolve_engine
 from quant_release.environment import package_versions, resolved_device
 from quant_release.errors import redact
 from quant_release.progress import Progress
@@ -60,8 +60,9 @@ def preflight(config: ReleaseConfig, settings: Settings, progress: Progress) -> 
     store.check_access()
     checked = check_source(config.source, settings)
     device = resolved_device(config.engine.device)
+    engine = resolve_engine(config.engine.kind, device)
     if any(spec.uses_engine for spec in STAGE_TABLE if spec.name in needed):
-        check_available(config.engine.kind, device)
+        check_available(engine, device)
     dataset = None
     if "evaluate" in needed:
         dataset = mmlu_data.load_mmlu(config.mmlu.data)
@@ -71,11 +72,14 @@ def preflight(config: ReleaseConfig, settings: Settings, progress: Progress) -> 
     calib = config.quantization.calib_dataset
     if "quantize" in needed:
         calib = calibration.resolve(calib, settings.hf_endpoint)
-    progress.note("preflight", f"source {checked.kind} {checked.source}; device {device}; calibration {calib}")
+    progress.note(
+        "preflight", f"source {checked.kind} {checked.source}; device {device}; engine {engine}; calibration {calib}"
+    )
     return Preflight(
         checked=checked,
         calib_dataset=calib,
         device=device,
+        engine=engine,
         store=store,
         tracking_uri=tracking_uri,
         mmlu_dataset=dataset,
@@ -89,6 +93,10 @@ def run_release(config: ReleaseConfig, settings: Settings, run_id: str, progress
     versions = package_versions()
     summary_path = run_dir(settings, run_id) / "summary.json"
     pre = preflight(config, settings, progress)
+    if config.engine.kind != pre.engine:
+        # `--engine auto`: the run records, keys and runs the engine it resolved to.
+        config = config.model_copy(deep=True)
+        config.engine.kind = pre.engine
     tracker = Tracker(pre.tracking_uri, config.tracking.experiment, artifact_location=_local_artifacts(settings, pre))
     parent_id = tracker.start(
         run_name=config.tracking.run_name or run_id,

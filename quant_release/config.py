@@ -20,7 +20,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from quant_release import calibration
-from quant_release.engines import ENGINES, BuiltinOptions, TensorrtLlmOptions, VllmOptions
+from quant_release.engines import AUTO, AUTO_ORDER, ENGINES, BuiltinOptions, TensorrtLlmOptions, VllmOptions
 from quant_release.errors import ConfigError
 from quant_release.stages import STAGES, StageName
 
@@ -108,9 +108,12 @@ class EngineConfig(_Section):
 
     kind: str = Field(
         "builtin",
-        description="; ".join(spec.description for spec in ENGINES.values()),
+        description="; ".join(
+            [f"auto: the first installed of {', '.join(AUTO_ORDER)} that runs on the device"]
+            + [spec.description for spec in ENGINES.values()]
+        ),
         # The choices come from the engine registry (quant_release/engines/__init__.py).
-        json_schema_extra=_cli("--engine", enum=list(ENGINES)),
+        json_schema_extra=_cli("--engine", enum=[AUTO, *ENGINES]),
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto picks cuda when a GPU is visible", json_schema_extra=_cli("--device")
@@ -123,12 +126,14 @@ class EngineConfig(_Section):
     @field_validator("kind")
     @classmethod
     def _known_engine(cls, value: str) -> str:
-        if value not in ENGINES:
-            raise ValueError(f"unknown engine {value!r}; choose one of {', '.join(ENGINES)}")
+        if value != AUTO and value not in ENGINES:
+            raise ValueError(f"unknown engine {value!r}; choose one of {', '.join([AUTO, *ENGINES])}")
         return value
 
     def options(self) -> BaseModel:
-        """The chosen engine's options section."""
+        """The chosen engine's options section (`auto` is resolved by preflight before anyone asks)."""
+        if self.kind == AUTO:
+            raise RuntimeError("engine.kind auto has not been resolved to an engine yet")
         options: BaseModel = getattr(self, self.kind)
         return options
 

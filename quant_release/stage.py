@@ -132,6 +132,7 @@ class Preflight:
     checked: CheckedSource
     calib_dataset: str  # `auto` resolved to a source name
     device: str  # `auto` resolved to cpu or cuda
+    engine: str  # `auto` resolved to an installed engine that runs on that device
     store: ArtifactStore
     tracking_uri: str
     mmlu_dataset: MmluDataset | None  # loaded when evaluate runs

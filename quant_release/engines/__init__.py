@@ -66,6 +66,23 @@ def check_available(kind: str, device: str) -> None:
         raise EngineUnavailableError(f"engine {kind} needs {', '.join(missing)}, which is not installed here")
 
 
+# `--engine auto`: the first of these that is installed and runs on the device (builtin always does).
+AUTO = "auto"
+AUTO_ORDER = ("tensorrt_llm", "vllm", "builtin")
+
+
+def resolve_engine(kind: str, device: str) -> str:
+    """`auto` → the first engine of AUTO_ORDER whose modules are installed and that runs on `device`;
+    any other kind is returned as it is (preflight's `check_available` then judges it)."""
+    if kind != AUTO:
+        return kind
+    for name in AUTO_ORDER:
+        spec = engine_spec(name)
+        if device in spec.devices and all(importlib.util.find_spec(m) is not None for m in spec.requires):
+            return name
+    return "builtin"
+
+
 def get_backend(kind: str) -> EngineBackend:
     module_name, _, class_name = engine_spec(kind).backend.partition(":")
     backend: EngineBackend = getattr(importlib.import_module(module_name), class_name)()
@@ -120,6 +137,7 @@ register(
 
 
 __all__ = [
+    "AUTO",
     "ENGINES",
     "BenchmarkRequest",
     "BenchmarkWorkload",
@@ -135,4 +153,5 @@ __all__ = [
     "engine_spec",
     "get_backend",
     "register",
+    "resolve_engine",
 ]

@@ -61,7 +61,7 @@ def test_engine_options_flags_land_in_their_engines_section() -> None:
 
 def test_engine_choices_come_from_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
     schema = ReleaseConfig.model_json_schema()
-    assert schema["$defs"]["EngineConfig"]["properties"]["kind"]["enum"] == list(ENGINES)
+    assert schema["$defs"]["EngineConfig"]["properties"]["kind"]["enum"] == ["auto", *ENGINES]
     assert {"builtin", "tensorrt_llm", "vllm"} <= set(ENGINES)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--engine", "sglang"])
@@ -141,3 +141,24 @@ def test_gpu_engines_are_refused_at_preflight_without_their_package_or_gpu() -> 
         if importlib.util.find_spec(package) is None:
             with pytest.raises(EngineUnavailableError, match=f"engine {kind} needs {package}, which is not installed"):
                 engines.check_available(kind, "cuda")
+
+
+def test_auto_picks_the_first_installed_engine_that_runs_on_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert engines.resolve_engine("vllm", "cpu") == "vllm"  # a forced engine is left to check_available
+    # Here neither tensorrt_llm nor vllm is installed (and neither runs on a CPU): auto is the built-in engine.
+    assert engines.resolve_engine("auto", "cpu") == "builtin"
+    # An engine that is installed (its module is json) and runs on the device wins over those after it.
+    monkeypatch.setattr(engines, "ENGINES", dict(ENGINES))
+    engines.register(EngineSpec("toy", "toy: test", EngineOptions, "builtins:object", (), (), ("json",), ("cpu",)))
+    monkeypatch.setattr(engines, "AUTO_ORDER", ("tensorrt_llm", "toy", "builtin"))
+    assert engines.resolve_engine("auto", "cpu") == "toy"
+    assert engines.resolve_engine("auto", "cuda") == "builtin"  # toy does not run on cuda
+
+
+def test_auto_is_a_choice_resolved_before_use() -> None:
+    config = build_config({"engine": {"kind": "auto"}})
+    assert config.engine.kind == "auto"
+    with pytest.raises(RuntimeError, match="not been resolved"):
+        config.engine.options()
+    args = build_parser().parse_args(["run", "--engine", "auto"])
+    assert config_from_args(args).engine.kind == "auto"

@@ -330,7 +330,10 @@ def measure_variant(
     out: dict[str, Any] = {"variant": variant, "weight_bytes": weights.nbytes(), "gemm": weights.gemm}
     out["load_seconds"] = time.perf_counter() - started
     options = RuntimeOptions.for_device(
-        device, fp8_fast_accum="fast_accum" in variant or None, decode_autotune="autotune" in variant or None
+        device,
+        fp8_kv_cache=variant.startswith("fp8_kv"),
+        fp8_fast_accum="fast_accum" in variant or None,
+        decode_autotune="autotune" in variant or None,
     )
     out["options"] = vars(options).copy()
     runtime = LlamaRuntime(weights, device, options)

@@ -124,6 +124,13 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
+def triton_fp8_supported(device: torch.device) -> bool:
+    """Triton loads and stores E4M3 (`fp8e4nv`, an FP8 KV cache) on compute capability 8.9+ and in its interpreter."""
+    if device.type != "cuda":
+        return _interpreted()
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def _interpreted() -> bool:
     """Triton's CPU interpreter (tests) cannot loop to a bound loaded from memory; the GPU path does."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -36,6 +36,7 @@ from quant_release.engines.attention import (
     prefill_attention,
     quantize_kv,
     triton_available,
+    triton_fp8_supported,
 )
 from quant_release.engines.llama import (
     FP8_DTYPE,
@@ -238,11 +239,14 @@ class RuntimeOptions:
     decode_autotune: bool = False
 
     @classmethod
-    def for_device(cls, device: torch.device, **overrides: Any) -> RuntimeOptions:
+    def for_device(cls, device: torch.device, fp8_kv_cache: bool = False, **overrides: Any) -> RuntimeOptions:
         """The fast path where it exists: compiled + graphs + Triton attention on CUDA, eager on CPU."""
         cuda = device.type == "cuda"
         triton = cuda and triton_available(device)
         options = cls(compile=cuda, cuda_graphs=cuda, attention="triton" if triton else "torch")
+        if fp8_kv_cache and triton and not triton_fp8_supported(device):
+            # No E4M3 in Triton before Ada/Hopper: PyTorch attention, whose host sync rules out graphs.
+            options.attention, options.cuda_graphs = "torch", False
         for key, value in overrides.items():
             if value is not None:
                 setattr(options, key, value)
@@ -312,6 +316,10 @@ class LlamaRuntime:
         ]
         self._kv_scales = kv_cache_scales(weights)
         self.kv_dtype = FP8_DTYPE if any(s is not None for s in self._kv_scales) else torch.bfloat16
+        if self.kv_dtype == FP8_DTYPE and options.attention == "triton" and not triton_fp8_supported(device):
+            raise ValueError(
+                "an FP8 KV cache with Triton attention needs compute capability 8.9+; use attention='torch'"
+            )
         self.slots = 0
         self.max_len = 0
         self.k_cache = torch.empty(0, device=device)

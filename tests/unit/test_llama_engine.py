@@ -539,6 +539,23 @@ def test_fp8_kv_cache_shared_prefix_and_chunks_match_one_pass(kv_quantized: dict
     assert _rel_error(tails, one_pass[:, 16:]) < 1e-2
 
 
+def test_fp8_kv_cache_falls_back_to_pytorch_attention_where_triton_has_no_e4m3(
+    monkeypatch: pytest.MonkeyPatch, kv_quantized: dict[str, Any]
+) -> None:
+    """Before compute capability 8.9 Triton cannot store E4M3: PyTorch attention (no CUDA graphs) instead."""
+    from quant_release.engines import runtime
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(runtime, "triton_available", lambda device: True)
+    monkeypatch.setattr(runtime, "triton_fp8_supported", lambda device: False)
+    assert RuntimeOptions.for_device(cuda).attention == "triton"
+    options = RuntimeOptions.for_device(cuda, fp8_kv_cache=True)
+    assert (options.attention, options.cuda_graphs, options.compile) == ("torch", False, True)
+    weights = load_weights(kv_quantized["dir"], CPU, "emulated")
+    with pytest.raises(ValueError, match=r"needs compute capability 8\.9"):
+        LlamaRuntime(weights, CPU, RuntimeOptions(compile=False, cuda_graphs=False, attention="triton"))
+
+
 def test_kv_scales_in_some_layers_only_are_refused(kv_quantized: dict[str, Any]) -> None:
     weights = load_weights(kv_quantized["dir"], CPU, "emulated")
     weights.layers[1] = dataclasses.replace(weights.layers[1], v_scale=None)

@@ -2,12 +2,14 @@
 
     python benchmarks/engine_speed.py --shape llama-3.1-8b --out benchmarks/results/engine_speed-h200.json
     python benchmarks/engine_speed.py --shape tiny --out /tmp/tiny.json        # CPU smoke run (eager)
+    python benchmarks/engine_speed.py --variant fp8 --variant fp8_kv --out ...  # FP8 with an FP8 KV cache
 
 The weights are random (normal, std 0.02, as transformers initializes a Llama) and go through the
 engine's own loader in the layout modelopt exports (FP8 E4M3 weights with per-tensor `weight_scale`,
 static `input_scale`), built in device memory instead of on disk. Random weights say nothing about
 accuracy; they are right for speed, and for checking that the fast paths compute what the reference
-paths compute.
+paths compute. Variant `fp8_kv` adds an FP8 KV cache (`kv_cache_quant_algo: FP8`, per-layer
+`k_scale` / `v_scale` near what calibration would give these weights).
 
 Measured, for each variant:
   * decode: `batch` sequences with 512-token prompts, then `steps` greedy steps replayed as CUDA
@@ -35,7 +37,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from quant_release.engines.attention import DecodeAttention, decode_attention_torch, triton_available  # noqa: E402
+from quant_release.engines.attention import (  # noqa: E402
+    DecodeAttention,
+    decode_attention_torch,
+    quantize_kv,
+    triton_available,
+)
 from quant_release.engines.llama import (  # noqa: E402
     FP8_MAX,
     InMemoryTensors,
@@ -79,8 +86,13 @@ def config_for(shape: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def random_checkpoint(shape: dict[str, int], device: torch.device, fp8: bool, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Tensors named and typed as transformers (BF16) or modelopt's FP8 export would write them."""
+def random_checkpoint(
+    shape: dict[str, int], device: torch.device, fp8: bool, seed: int = 0, kv_cache: bool = False
+) -> dict[str, torch.Tensor]:
+    """Tensors named and typed as transformers (BF16) or modelopt's FP8 export would write them.
+
+    `kv_cache`: with the per-layer `k_scale` / `v_scale` of an FP8 KV cache (`kv_cache_quant_algo: FP8`).
+    """
     gen = torch.Generator(device=device).manual_seed(seed)
     h, i, kv_dim = shape["hidden"], shape["inter"], shape["kv"] * (shape["hidden"] // shape["heads"])
 
@@ -103,6 +115,9 @@ def random_checkpoint(shape: dict[str, int], device: torch.device, fp8: bool, se
     }
     # Static activation scales: RMSNorm outputs are ~N(0,1) here, attention/MLP outputs smaller.
     input_amax = {"self_attn.o_proj": 4.0, "mlp.down_proj": 2.0}
+    # K (after RoPE, which keeps each pair's norm) and V are ~N(0, 0.02² · hidden): amax / 448 at ~6 sigma,
+    # about what modelopt's calibration would export for these weights.
+    kv_scale = torch.tensor(6 * 0.02 * h**0.5 / FP8_MAX, device=device)
     for layer in range(shape["layers"]):
         prefix = f"model.layers.{layer}"
         tensors[f"{prefix}.input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16, device=device)
@@ -117,14 +132,18 @@ def random_checkpoint(shape: dict[str, int], device: torch.device, fp8: bool, se
             tensors[f"{key}.weight"] = (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
             tensors[f"{key}.weight_scale"] = scale.reshape(())
             tensors[f"{key}.input_scale"] = torch.tensor(input_amax.get(name, 6.0) / FP8_MAX, device=device)
+        if kv_cache:
+            tensors[f"{prefix}.self_attn.k_proj.k_scale"] = kv_scale.clone()
+            tensors[f"{prefix}.self_attn.v_proj.v_scale"] = kv_scale.clone()
     return tensors
 
 
 def load(shape: dict[str, int], device: torch.device, variant: str) -> LlamaWeights:
     fp8 = variant.startswith("fp8")
-    spec = QuantSpec("FP8", None, ("lm_head",), "benchmark") if fp8 else None
+    kv_cache = variant.startswith("fp8_kv")
+    spec = QuantSpec("FP8", "FP8" if kv_cache else None, ("lm_head",), "benchmark") if fp8 else None
     gemm = ("scaled_mm" if device.type == "cuda" else "emulated") if fp8 else None
-    source = InMemoryTensors(random_checkpoint(shape, device, fp8))
+    source = InMemoryTensors(random_checkpoint(shape, device, fp8, kv_cache=kv_cache))
     return build_weights(config_for(shape), source, device, gemm, spec)  # type: ignore[arg-type]
 
 
@@ -211,6 +230,30 @@ def check_attention(device: torch.device, heads: int, kv_heads: int, head_dim: i
             )
             expected_fp8 = quantize_static(expected.reshape(batch, -1), scale)
             out[f"attention_fp8_output_rel_error_{name}"] = rel_error(got_fp8.float(), expected_fp8.float())
+        # An FP8 KV cache: the same caches as E4M3 codes with their scales (amax / 448 of the values here).
+        kv_scales = (k_cache.float().abs().amax() / FP8_MAX, v_cache.float().abs().amax() / FP8_MAX)
+        k_codes, v_codes = quantize_kv(k_cache, kv_scales[0]), quantize_kv(v_cache, kv_scales[1])
+        k_ref, v_ref = k_codes.clone(), v_codes.clone()
+        c, s = cos[positions][:, None], sin[positions][:, None]
+        expected = decode_attention_torch(
+            apply_rope(q, c, s), apply_rope(k, c, s), v, k_ref, v_ref, positions, kv_scales
+        )
+        for batch_size in (1, 8, 64):
+            attention = DecodeAttention(batch_size, heads, kv_heads, head_dim, max_len, device)
+            attention.acc = torch.empty(batch * heads * attention.num_splits, head_dim, device=device)
+            attention.stats = torch.empty(batch * heads * attention.num_splits, 2, device=device)
+            k_got, v_got = k_codes.clone(), v_codes.clone()
+            got = attention(qkv, col_scale if scaled else None, cos, sin, k_got, v_got, positions, None, kv_scales)
+            name = f"{'scaled_' if scaled else ''}splits{attention.num_splits}"
+            out[f"attention_fp8_kv_rel_error_{name}"] = rel_error(got.view(batch, heads, head_dim), expected)
+            # Codes written for the new token that differ from PyTorch's (a last-bit difference before
+            # rounding can move one by an E4M3 step).
+            differ = (k_got.view(torch.uint8) != k_ref.view(torch.uint8)).sum() + (
+                v_got.view(torch.uint8) != v_ref.view(torch.uint8)
+            ).sum()
+            out[f"attention_fp8_kv_cache_write_codes_differing_{name}"] = float(differ) / (
+                2 * batch * kv_heads * head_dim
+            )
     return out
 
 
@@ -249,13 +292,15 @@ def check_decode_step(fast: LlamaRuntime, reference: LlamaRuntime, vocab: int) -
     }
 
 
-def bandwidth_floor_step_seconds(weights: LlamaWeights, batch: int, context: int, bandwidth: float) -> float:
+def bandwidth_floor_step_seconds(
+    weights: LlamaWeights, batch: int, context: int, bandwidth: float, kv_element_bytes: int = 2
+) -> float:
     """Fewest bytes one decode step must move: every weight once (embedding rows only) + K/V read and written."""
     s = weights.shape
     weight_bytes = weights.nbytes() - weights.embed.numel() * weights.embed.element_size()
     if weights.lm_head.data_ptr() == weights.embed.data_ptr():
         weight_bytes += weights.lm_head.numel() * weights.lm_head.element_size()
-    kv_bytes = batch * (context + 1) * s.layers * s.kv_heads * s.head_dim * 2 * 2
+    kv_bytes = batch * (context + 1) * s.layers * s.kv_heads * s.head_dim * 2 * kv_element_bytes
     return (weight_bytes + kv_bytes) / bandwidth
 
 
@@ -285,10 +330,14 @@ def measure_variant(
     out: dict[str, Any] = {"variant": variant, "weight_bytes": weights.nbytes(), "gemm": weights.gemm}
     out["load_seconds"] = time.perf_counter() - started
     options = RuntimeOptions.for_device(
-        device, fp8_fast_accum="fast_accum" in variant or None, decode_autotune="autotune" in variant or None
+        device,
+        fp8_kv_cache=variant.startswith("fp8_kv"),
+        fp8_fast_accum="fast_accum" in variant or None,
+        decode_autotune="autotune" in variant or None,
     )
     out["options"] = vars(options).copy()
     runtime = LlamaRuntime(weights, device, options)
+    out["kv_cache_dtype"] = str(runtime.kv_dtype)
     if check:
         # Two layers of the same shape: the same kernels, without 32 layers of random-weight chaos that
         # turns a last-bit difference into a different model.
@@ -331,7 +380,9 @@ def measure_variant(
             "repeat_tok_s": [batch * steps / r for r in repeats],
         }
         if "copy_bytes_per_s" in ceilings:
-            floor = bandwidth_floor_step_seconds(weights, batch, PROMPT_LEN + steps // 2, ceilings["copy_bytes_per_s"])
+            floor = bandwidth_floor_step_seconds(
+                weights, batch, PROMPT_LEN + steps // 2, ceilings["copy_bytes_per_s"], runtime.kv_dtype.itemsize
+            )
             row["bandwidth_limit_tok_s"] = batch / floor
             row["fraction_of_bandwidth_limit"] = floor / step
         decode.append(row)
@@ -524,8 +575,8 @@ def main() -> None:
     parser.add_argument(
         "--variant",
         action="append",
-        choices=["bf16", "fp8", "fp8_fast_accum", "bf16_autotune", "fp8_autotune"],
-        help="default: bf16 and fp8",
+        choices=["bf16", "fp8", "fp8_fast_accum", "bf16_autotune", "fp8_autotune", "fp8_kv", "fp8_kv_fast_accum"],
+        help="default: bf16 and fp8; fp8_kv*: FP8 with an FP8 KV cache",
     )
     parser.add_argument("--tokenizer", type=Path, help="a tokenizer dir, for --stage-sweep and --mmlu")
     parser.add_argument(
@@ -578,8 +629,19 @@ def main() -> None:
             },
             "prefill": fp8["prefill"]["tok_s"] / bf16["prefill"]["tok_s"],
         }
+    for base in ("fp8", "bf16"):
+        if "fp8_kv" in variants and base in variants:
+            kv, other = variants["fp8_kv"], variants[base]
+            result[f"fp8_kv_over_{base}"] = {
+                "decode": {
+                    str(a["batch"]): b["output_tok_s"] / a["output_tok_s"]
+                    for a, b in zip(other["decode"], kv["decode"], strict=True)
+                },
+                "prefill": kv["prefill"]["tok_s"] / other["prefill"]["tok_s"],
+            }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"checks": result["checks"], "fp8_over_bf16": result.get("fp8_over_bf16")}, indent=2))
+    ratios = {key: value for key, value in result.items() if "_over_" in key}
+    print(json.dumps({"checks": result["checks"], **ratios}, indent=2))
     for variant, v in result["variants"].items():
         print(variant, "checks", json.dumps(v.get("checks", {})))
         for row in v["decode"]:

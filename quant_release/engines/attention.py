@@ -7,7 +7,11 @@ around attention in the same kernel: the per-channel scales of a fused FP8 QKV p
 cache write of the new token, and, for an FP8 model, the quantization of its output for `o_proj`.
 `decode_attention_torch` is the reference and the CPU path.
 
-Cache layout, per layer: [slots, kv_heads, max_len, head_dim].
+Cache layout, per layer: [slots, kv_heads, max_len, head_dim], BF16, or FP8 E4M3 for a checkpoint
+exported with `kv_cache_quant_algo: FP8`. An FP8 cache follows modelopt's KV quantizers, which sit on
+the keys after RoPE and on the values as attention reads them: the cache holds E4M3(x / scale)
+(saturated at ±448) with the export's per-layer `k_scale` / `v_scale` (calibrated amax / 448), and
+attention reads x = cache * scale, in BF16 as modelopt's fake-quantized model computes it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,27 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
 # Cache lengths are reserved in multiples of this; keys are read in blocks of BLOCK_KEYS.
 SPLIT_TOKENS = 128
 BLOCK_KEYS = 32
+# A layer's (k_scale, v_scale), fp32 scalars, when its KV cache is FP8.
+KvScales = tuple[torch.Tensor, torch.Tensor]
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Keys or values → the FP8 cache's E4M3 codes: x / scale, saturated to ±448, rounded to nearest even."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP8 cache codes → BF16 keys or values (modelopt's fake quantization returns the input dtype)."""
+    return (x.float() * scale).to(torch.bfloat16)
+
+
+def as_bytes(cache: torch.Tensor) -> torch.Tensor:
+    """An FP8 tensor as its raw bytes, for indexed reads and writes; other tensors unchanged.
+
+    Advanced indexing (index, index_put) is not implemented for float8 on every device and torch
+    version; on uint8 it is, and moving the bytes moves the same E4M3 values.
+    """
+    return cache.view(torch.uint8) if cache.dtype == FP8_DTYPE else cache
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
@@ -40,15 +65,22 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: 
 
 
 def write_decode_kv(
-    k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    kv_scales: KvScales | None = None,
 ) -> None:
-    """k_new, v_new [B, KVH, D] into the first B slots at each slot's position."""
+    """k_new, v_new [B, KVH, D] into the first B slots at each slot's position (quantized for an FP8 cache)."""
     batch, kv_heads, _ = k_new.shape
     slots = torch.arange(batch, device=k_new.device)[:, None]
     heads = torch.arange(kv_heads, device=k_new.device)[None, :]
     pos = positions[:batch, None]
-    k_cache[slots, heads, pos] = k_new
-    v_cache[slots, heads, pos] = v_new
+    if kv_scales is not None:
+        k_new, v_new = quantize_kv(k_new, kv_scales[0]), quantize_kv(v_new, kv_scales[1])
+    as_bytes(k_cache)[slots, heads, pos] = as_bytes(k_new)
+    as_bytes(v_cache)[slots, heads, pos] = as_bytes(v_new)
 
 
 def decode_attention_torch(
@@ -58,18 +90,22 @@ def decode_attention_torch(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     positions: torch.Tensor,
+    kv_scales: KvScales | None = None,
 ) -> torch.Tensor:
     """One query token per slot at `positions` [B]; attends keys 0..position. Returns [B, H, D].
 
-    Writes k_new/v_new into the cache first.
+    Writes k_new/v_new into the cache first, so with an FP8 cache the new token, too, is attended
+    as it was quantized (as modelopt's model attends all keys through its KV quantizers).
     """
-    write_decode_kv(k_new, v_new, k_cache, v_cache, positions)
+    write_decode_kv(k_new, v_new, k_cache, v_cache, positions, kv_scales)
     batch = q.shape[0]
     pos = positions[:batch]
     # Read only up to the longest slot (a host sync: this is the CPU path). When all slots are at the
     # same position no mask is needed, and the kernel then does exactly what transformers' decode does.
     longest = int(pos.max()) + 1
     keys, values = k_cache[:batch, :, :longest], v_cache[:batch, :, :longest]
+    if kv_scales is not None:
+        keys, values = dequantize_kv(keys, kv_scales[0]), dequantize_kv(values, kv_scales[1])
     mask = None
     if bool((pos != pos[0]).any()):
         mask = (torch.arange(longest, device=q.device)[None, :] <= pos[:, None])[:, None, None, :]
@@ -86,6 +122,13 @@ def triton_available(device: torch.device) -> bool:
     except ImportError:
         return False
     return True
+
+
+def triton_fp8_supported(device: torch.device) -> bool:
+    """Triton loads and stores E4M3 (`fp8e4nv`, an FP8 KV cache) on compute capability 8.9+ and in its interpreter."""
+    if device.type != "cuda":
+        return _interpreted()
+    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _interpreted() -> bool:
@@ -117,7 +160,9 @@ class DecodeAttention:
     """Decode attention for one batch size, with its scratch preallocated (CUDA-graph safe).
 
     Takes the QKV projection's raw output (and, for a fused FP8 projection, its per-channel scales):
-    scaling, RoPE and the cache write of the new token happen inside the kernel.
+    scaling, RoPE and the cache write of the new token happen inside the kernel. With an FP8 cache the
+    kernel quantizes the new K/V as `quantize_kv` does and reads E4M3 keys and values, folding the
+    scales into the scores (k_scale) and the output (v_scale) instead of dequantizing every element.
     """
 
     def __init__(self, batch: int, heads: int, kv_heads: int, head_dim: int, max_len: int, device: torch.device):
@@ -140,8 +185,14 @@ class DecodeAttention:
         v_cache: torch.Tensor,
         positions: torch.Tensor,
         out_scale: torch.Tensor | None = None,
+        kv_scales: KvScales | None = None,
     ) -> torch.Tensor:
-        """qkv [B, (H + 2*KVH) * D]; cos/sin tables [max_len, D]. Returns [B, H*D], FP8 with `out_scale`."""
+        """qkv [B, (H + 2*KVH) * D]; cos/sin tables [max_len, D]. Returns [B, H*D], FP8 with `out_scale`.
+
+        `kv_scales`: the layer's (k_scale, v_scale) when `k_cache` / `v_cache` are FP8.
+        """
+        if (kv_scales is not None) != (k_cache.dtype == FP8_DTYPE) or k_cache.dtype != v_cache.dtype:
+            raise ValueError(f"a {k_cache.dtype} KV cache with kv_scales {'given' if kv_scales else 'missing'}")
         kernels = _kernels()
         batch = qkv.shape[0]
         group = self.heads // self.kv_heads
@@ -163,6 +214,8 @@ class DecodeAttention:
             positions,
             out,
             out_scale_arg,
+            kv_scales[0] if kv_scales is not None else self.dummy,
+            kv_scales[1] if kv_scales is not None else self.dummy,
             self.acc,
             self.stats,
             1.0 / math.sqrt(self.head_dim),
@@ -180,7 +233,9 @@ class DecodeAttention:
             scaled=col_scale is not None,
             single=single,
             quantize=out_scale is not None,
+            fp8_cache=kv_scales is not None,
             dynamic_bounds=not _interpreted(),
+            emulate_fp8_rounding=_interpreted(),
             fp8_max=FP8_MAX,
         )
         if not single:

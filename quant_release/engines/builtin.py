@@ -110,7 +110,7 @@ class BuiltinEngine:
         if handle.variant == "fp8":
             gemm = resolve_gemm(handle.options.get("fp8_gemm", "auto"), device)
         weights = load_weights(handle.model_dir, device, gemm)
-        options = RuntimeOptions.for_device(device)
+        options = RuntimeOptions.for_device(device, fp8_kv_cache=weights.kv_cache_quant_algo == "FP8")
         if handle.options.get("compile") == "false":
             options.compile = options.cuda_graphs = False
         runtime = LlamaRuntime(weights, device, options)

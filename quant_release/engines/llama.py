@@ -170,6 +170,9 @@ class LayerWeights:
     post_norm: torch.Tensor
     gate_up: Weight
     down: Weight
+    # FP8 KV cache (kv_cache_quant_algo FP8): keys and values after RoPE are stored as E4M3 of x / scale.
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
 
 @dataclass
@@ -191,6 +194,9 @@ class LlamaWeights:
         for layer in self.layers:
             yield layer.input_norm
             yield layer.post_norm
+            for scale in (layer.k_scale, layer.v_scale):
+                if scale is not None:
+                    yield scale
             for weight in (layer.qkv, layer.o, layer.gate_up, layer.down):
                 if isinstance(weight, Fp8Weight):
                     yield weight.weight
@@ -213,12 +219,10 @@ def read_builtin_quant_spec(checkpoint_dir: Path) -> QuantSpec:
             f"{checkpoint_dir}: quant_algo is {spec.quant_algo!r}; the built-in engine runs "
             f"{', '.join(SUPPORTED_QUANT_ALGOS)}"
         )
-    if spec.kv_cache_quant_algo is not None:
-        # The cache stays BF16 and the export's k/v scales would go unused: refuse rather than run a
-        # different model than the checkpoint describes.
+    if spec.kv_cache_quant_algo not in (None, "FP8"):
         raise CheckpointError(
-            f"{checkpoint_dir}: KV-cache quantization ({spec.kv_cache_quant_algo}) is not supported by the "
-            "built-in engine; export without it or serve with TensorRT-LLM or vLLM"
+            f"{checkpoint_dir}: KV-cache quantization {spec.kv_cache_quant_algo!r} is not supported by the "
+            "built-in engine (FP8 or none); serve it with TensorRT-LLM or vLLM"
         )
     return spec
 
@@ -359,6 +363,13 @@ def build_weights(
         def linear(names: list[str]) -> Weight:
             return _load_linear(source, names, device, spec, gemm)
 
+        def kv_scale(name: str) -> torch.Tensor | None:
+            if spec is None or spec.kv_cache_quant_algo != "FP8":
+                return None
+            if name not in source:
+                raise CheckpointError(f"{where}: KV-cache quantization is FP8 but {name} is missing")
+            return _check_scale(name, source.get(name, device), None)
+
         layers.append(
             LayerWeights(
                 input_norm=source.get(f"{prefix}.input_layernorm.weight", device).to(torch.bfloat16),
@@ -367,6 +378,8 @@ def build_weights(
                 post_norm=source.get(f"{prefix}.post_attention_layernorm.weight", device).to(torch.bfloat16),
                 gate_up=linear([f"{mlp}.gate_proj", f"{mlp}.up_proj"]),
                 down=linear([f"{mlp}.down_proj"]),
+                k_scale=kv_scale(f"{attn}.k_proj.k_scale"),
+                v_scale=kv_scale(f"{attn}.v_proj.v_scale"),
             )
         )
     norm = source.get("model.norm.weight", device).to(torch.bfloat16)

@@ -11,6 +11,9 @@ A decode step for a batch bucket (1, 2, 4, ... slots) is captured once as a CUDA
 slots' current tokens and positions from static buffers, writes the next tokens back and advances the
 positions, so a run of N steps is N graph replays with no host round trip. On a CPU the same functions
 run eagerly.
+
+The KV cache is BF16, or FP8 E4M3 when the weights carry per-layer k/v scales (a checkpoint exported
+with `kv_cache_quant_algo: FP8`): every write quantizes, every read dequantizes (see `attention.py`).
 """
 
 from __future__ import annotations
@@ -26,9 +29,14 @@ import torch.nn.functional as F  # noqa: N812 - the conventional name
 from quant_release.engines.attention import (
     SPLIT_TOKENS,
     DecodeAttention,
+    KvScales,
+    as_bytes,
     decode_attention_torch,
+    dequantize_kv,
     prefill_attention,
+    quantize_kv,
     triton_available,
+    triton_fp8_supported,
 )
 from quant_release.engines.llama import (
     FP8_DTYPE,
@@ -231,15 +239,32 @@ class RuntimeOptions:
     decode_autotune: bool = False
 
     @classmethod
-    def for_device(cls, device: torch.device, **overrides: Any) -> RuntimeOptions:
+    def for_device(cls, device: torch.device, fp8_kv_cache: bool = False, **overrides: Any) -> RuntimeOptions:
         """The fast path where it exists: compiled + graphs + Triton attention on CUDA, eager on CPU."""
         cuda = device.type == "cuda"
         triton = cuda and triton_available(device)
         options = cls(compile=cuda, cuda_graphs=cuda, attention="triton" if triton else "torch")
+        if fp8_kv_cache and triton and not triton_fp8_supported(device):
+            # No E4M3 in Triton before Ada/Hopper: PyTorch attention, whose host sync rules out graphs.
+            options.attention, options.cuda_graphs = "torch", False
         for key, value in overrides.items():
             if value is not None:
                 setattr(options, key, value)
         return options
+
+
+def kv_cache_scales(weights: LlamaWeights) -> list[KvScales | None]:
+    """Each layer's (k_scale, v_scale) for an FP8 KV cache, or None for all layers (BF16 cache)."""
+    scales = [(layer.k_scale, layer.v_scale) for layer in weights.layers]
+    if all(k is None and v is None for k, v in scales):
+        return [None] * len(scales)
+    # One cache tensor holds every layer: it is FP8 for all of them or for none.
+    complete: list[KvScales | None] = []
+    for index, (k, v) in enumerate(scales):
+        if k is None or v is None:
+            raise ValueError(f"layer {index} has no k_scale or v_scale; an FP8 KV cache needs both in every layer")
+        complete.append((k, v))
+    return complete
 
 
 class LlamaRuntime:
@@ -289,6 +314,12 @@ class LlamaRuntime:
             else None
             for layer in weights.layers
         ]
+        self._kv_scales = kv_cache_scales(weights)
+        self.kv_dtype = FP8_DTYPE if any(s is not None for s in self._kv_scales) else torch.bfloat16
+        if self.kv_dtype == FP8_DTYPE and options.attention == "triton" and not triton_fp8_supported(device):
+            raise ValueError(
+                "an FP8 KV cache with Triton attention needs compute capability 8.9+; use attention='torch'"
+            )
         self.slots = 0
         self.max_len = 0
         self.k_cache = torch.empty(0, device=device)
@@ -316,8 +347,12 @@ class LlamaRuntime:
         size = (s.layers, slots, s.kv_heads, max_len, s.head_dim)
         # Plain tensors even when called under inference mode: callers update the decode state in place.
         with torch.inference_mode(False):
-            self.k_cache = torch.zeros(size, dtype=torch.bfloat16, device=self.device)
-            self.v_cache = torch.zeros(size, dtype=torch.bfloat16, device=self.device)
+            if self.kv_dtype == FP8_DTYPE:  # zero bytes are E4M3 +0.0; allocated as uint8 (see `as_bytes`)
+                self.k_cache = torch.zeros(size, dtype=torch.uint8, device=self.device).view(FP8_DTYPE)
+                self.v_cache = torch.zeros(size, dtype=torch.uint8, device=self.device).view(FP8_DTYPE)
+            else:
+                self.k_cache = torch.zeros(size, dtype=torch.bfloat16, device=self.device)
+                self.v_cache = torch.zeros(size, dtype=torch.bfloat16, device=self.device)
             self.cos, self.sin = rope_tables(s, max_len, self.device)
             self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
             self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -394,10 +429,18 @@ class LlamaRuntime:
             k = k.view(batch, longest, d.kv_heads, d.head_dim).transpose(1, 2)
             v = v.view(batch, longest, d.kv_heads, d.head_dim).transpose(1, 2)
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            k_cache[slot_index, :, start : start + longest] = k
-            v_cache[slot_index, :, start : start + longest] = v
+            scales = self._kv_scales[index]
+            k_stored, v_stored = (k, v) if scales is None else (quantize_kv(k, scales[0]), quantize_kv(v, scales[1]))
+            as_bytes(k_cache)[slot_index, :, start : start + longest] = as_bytes(k_stored)
+            as_bytes(v_cache)[slot_index, :, start : start + longest] = as_bytes(v_stored)
             if start:
-                k, v = k_cache[slot_index, :, : start + longest], v_cache[slot_index, :, : start + longest]
+                k_stored = as_bytes(k_cache)[slot_index, :, : start + longest].view(k_cache.dtype)
+                v_stored = as_bytes(v_cache)[slot_index, :, : start + longest].view(v_cache.dtype)
+            # Attention reads what the cache holds: with FP8, this chunk's own keys and values too.
+            if scales is not None:
+                k, v = dequantize_kv(k_stored, scales[0]), dequantize_kv(v_stored, scales[1])
+            elif start:
+                k, v = k_stored, v_stored
             attended = prefill_attention(q, k, v, start).transpose(1, 2).reshape(batch * longest, -1)
             x, residual = self._attention_output_and_mlp(attended, residual, o, post_norm, gate_up, down)
         last = gather is None
@@ -417,7 +460,8 @@ class LlamaRuntime:
             return
         ids = torch.tensor(list(targets), dtype=torch.long, device=self.device)
         for cache in (self.k_cache, self.v_cache):
-            cache[:, ids, :, :length] = cache[:, source : source + 1, :, :length]
+            raw = as_bytes(cache)  # an FP8 cache's codes are copied as they are: same scales in every slot
+            raw[:, ids, :, :length] = raw[:, source : source + 1, :, :length]
 
     # -- decode -------------------------------------------------------------------------------------------
     def _decode_body(self, batch: int) -> torch.Tensor:
@@ -435,11 +479,20 @@ class LlamaRuntime:
                 col_scale = self._qkv_channel_scales[index]
                 projected, residual = projection(x, residual, in_norm, qkv, col_scale is None)
                 attended = self._decode_attention[batch](
-                    projected, col_scale, self.cos, self.sin, k_cache, v_cache, positions, self._o_input_scales[index]
+                    projected,
+                    col_scale,
+                    self.cos,
+                    self.sin,
+                    k_cache,
+                    v_cache,
+                    positions,
+                    self._o_input_scales[index],
+                    self._kv_scales[index],
                 )
             else:
                 q, k, v, residual = attention_inputs(x, residual, in_norm, qkv, cos, sin)
-                attended = decode_attention_torch(q, k, v, k_cache, v_cache, positions).reshape(batch, -1)
+                scales = self._kv_scales[index]
+                attended = decode_attention_torch(q, k, v, k_cache, v_cache, positions, scales).reshape(batch, -1)
             x, residual = output_and_mlp(attended, residual, o, post_norm, gate_up, down)
         logits: torch.Tensor
         logits, next_tokens = final(x, residual, self.weights.norm, self.weights.lm_head)

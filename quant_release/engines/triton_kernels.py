@@ -35,6 +35,35 @@ def load_rotated(
 
 
 @triton.jit
+def round_to_e4m3(x) -> Any:
+    """fp32 x (|x| <= 448) rounded to the nearest E4M3 value, ties to even, in fp32 arithmetic.
+
+    Only for Triton's CPU interpreter: its fp32 → fp8 cast rounds ties away from zero and drops the
+    carry when rounding up crosses a power of two (31.9 becomes 16, not 32); a value already on the
+    E4M3 grid it converts exactly. A GPU's conversion instruction rounds correctly by itself.
+    """
+    magnitude = tl.abs(x)
+    exponent = ((magnitude.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    # log2 of E4M3's spacing at this magnitude: 3 mantissa bits, fixed below 2**-6 (subnormals).
+    spacing = tl.maximum(exponent, -6) - 3
+    # 1.5 * 2**(spacing + 23) lies in the binade whose fp32 spacing is 2**spacing: adding it and taking
+    # it away again leaves the value rounded (to nearest even) to a multiple of 2**spacing.
+    magic = ((spacing + 23 + 127) << 23).to(tl.float32, bitcast=True) * 1.5
+    rounded = (magnitude + magic) - magic
+    # Multiplying by the sign keeps -0.0 (negation is 0 - x in Triton, which gives +0.0).
+    return rounded * tl.where(x.to(tl.int32, bitcast=True) < 0, -1.0, 1.0)
+
+
+@triton.jit
+def quantize_kv(x, scale, fp8_max: tl.constexpr, emulate_rounding: tl.constexpr) -> Any:
+    """fp32 keys or values → E4M3 codes of x / scale, saturated to ±fp8_max (`attention.quantize_kv`)."""
+    x = tl.clamp(x / scale, -fp8_max, fp8_max)
+    if emulate_rounding:
+        x = round_to_e4m3(x)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
 def attend_block(
     q,
     k_ptr,
@@ -55,6 +84,8 @@ def attend_block(
 
     `interpreted`: Triton's CPU interpreter multiplies BF16 tiles wrongly (numpy has no BF16), so
     there the products run in fp32; on a GPU they are BF16 tensor-core products with fp32 accumulation.
+    An FP8 cache's E4M3 values widen to BF16 exactly; `scale` then includes k_scale, and the caller
+    multiplies the output by v_scale.
     """
     cols = n0 + offs_n
     n_mask = cols < last
@@ -62,7 +93,7 @@ def attend_block(
     if interpreted:
         scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
     else:
-        scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.dot(q, tl.trans(k.to(tl.bfloat16))) * scale
     scores = tl.where(n_mask[None, :], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     # A block with no valid key (static bounds only) leaves everything as it was.
@@ -73,7 +104,7 @@ def attend_block(
     if interpreted:
         update = tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.float32), input_precision="ieee")
     else:
-        update = tl.dot(p.to(v.dtype), v)
+        update = tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16))
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + update
 
 
@@ -88,6 +119,8 @@ def attend_kernel(
     pos_ptr,
     out_ptr,
     out_scale_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     acc_ptr,
     stats_ptr,
     scale,
@@ -105,7 +138,9 @@ def attend_kernel(
     scaled: tl.constexpr,
     single: tl.constexpr,
     quantize: tl.constexpr,
+    fp8_cache: tl.constexpr,
     dynamic_bounds: tl.constexpr,
+    emulate_fp8_rounding: tl.constexpr,
     fp8_max: tl.constexpr,
 ) -> None:
     slot = tl.program_id(0)
@@ -127,10 +162,15 @@ def attend_kernel(
     acc = tl.zeros([block_group, head_dim], tl.float32)
     first = split * split_tokens
     last = tl.minimum(first + split_tokens, pos)
+    # With an FP8 cache, scores and values are accumulated in units of the stored codes: q·k_code
+    # times scale·k_scale, and acc = Σ p·v_code, multiplied by v_scale before it is stored.
+    qk_scale = scale
+    if fp8_cache:
+        qk_scale = scale * tl.load(k_scale_ptr)
     if dynamic_bounds:
         for n0 in range(first, last, block_keys):
             m_i, l_i, acc = attend_block(
-                q, k_ptr, v_ptr, cache_base, n0, last, offs_n, offs_d, scale, m_i, l_i, acc, head_dim, False
+                q, k_ptr, v_ptr, cache_base, n0, last, offs_n, offs_d, qk_scale, m_i, l_i, acc, head_dim, False
             )
     else:  # Triton's CPU interpreter needs loop bounds known before the kernel reads memory
         for block in range(max_blocks):
@@ -143,7 +183,7 @@ def attend_kernel(
                 last,
                 offs_n,
                 offs_d,
-                scale,
+                qk_scale,
                 m_i,
                 l_i,
                 acc,
@@ -161,15 +201,23 @@ def attend_kernel(
         if scaled:
             v_new = (v_new * tl.load(col_scale_ptr + v_cols)).to(tl.bfloat16).to(tl.float32)
         k_row = tl.sum(tl.where(kv_heads_mask[:, None], k_new.to(tl.float32), 0.0), 0)  # row 0 of k_new
-        s_new = tl.sum(q.to(tl.float32) * k_row[None, :], 1) * scale
+        if fp8_cache:  # the new token is attended as stored, like every cached one
+            k_stored = quantize_kv(k_row, tl.load(k_scale_ptr), fp8_max, emulate_fp8_rounding)
+            v_stored = quantize_kv(v_new, tl.load(v_scale_ptr), fp8_max, emulate_fp8_rounding)
+        else:
+            k_stored = k_row.to(tl.bfloat16)
+            v_stored = v_new.to(tl.bfloat16)
+        s_new = tl.sum(q.to(tl.float32) * k_stored.to(tl.float32)[None, :], 1) * qk_scale
         m_new = tl.maximum(m_i, s_new)
         alpha = tl.exp(m_i - m_new)
         p_new = tl.exp(s_new - m_new)
         l_i = l_i * alpha + p_new
-        acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.bfloat16).to(tl.float32)[None, :]
+        acc = acc * alpha[:, None] + p_new[:, None] * v_stored.to(tl.float32)[None, :]
         m_i = m_new
-        tl.store(k_ptr + cache_base + pos * head_dim + offs_d, k_row.to(tl.bfloat16))
-        tl.store(v_ptr + cache_base + pos * head_dim + offs_d, v_new.to(tl.bfloat16))
+        tl.store(k_ptr + cache_base + pos * head_dim + offs_d, k_stored)
+        tl.store(v_ptr + cache_base + pos * head_dim + offs_d, v_stored)
+    if fp8_cache:
+        acc = acc * tl.load(v_scale_ptr)
     out_rows = slot * heads + kv_head * group + offs_g
     if single:
         out = (acc / l_i[:, None]).to(tl.bfloat16)  # BF16 first: the unfused path quantizes BF16

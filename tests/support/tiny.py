@@ -68,8 +68,20 @@ def make_tiny_llama(
     return out_dir
 
 
-def make_fp8_checkpoint(bf16_dir: Path, out_dir: Path, calib_batches: int = 2) -> Path:
-    """modelopt FP8_DEFAULT_CFG + export_hf_checkpoint on the tiny model, tokenizer copied."""
+def fp8_config(kv_cache: bool = False) -> dict[str, Any]:
+    """modelopt's FP8_DEFAULT_CFG, with `kv_cache` its FP8 KV-cache quantizers (FP8_KV_CFG) added."""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+
+    config: dict[str, Any] = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
+    if kv_cache:
+        config["quant_cfg"] = list(config["quant_cfg"]) + list(mtq.FP8_KV_CFG["quant_cfg"])
+    return config
+
+
+def make_fp8_checkpoint(bf16_dir: Path, out_dir: Path, calib_batches: int = 2, kv_cache: bool = False) -> Path:
+    """modelopt FP8_DEFAULT_CFG (+ FP8 KV cache) + export_hf_checkpoint on the tiny model, tokenizer copied."""
     import shutil
 
     import modelopt.torch.quantization as mtq
@@ -85,7 +97,7 @@ def make_fp8_checkpoint(bf16_dir: Path, out_dir: Path, calib_batches: int = 2) -
             for batch in batches:
                 m(batch)
 
-    mtq.quantize(model, mtq.FP8_DEFAULT_CFG, loop)
+    mtq.quantize(model, fp8_config(kv_cache), loop)
     with torch.inference_mode():
         export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(out_dir))
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):

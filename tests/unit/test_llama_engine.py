@@ -7,6 +7,7 @@ checked against these same eager paths on a GPU by benchmarks/engine_speed.py (i
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import warnings
 from pathlib import Path
@@ -15,11 +16,13 @@ from typing import Any
 import pytest
 import torch
 
+from quant_release.engines.attention import quantize_kv
 from quant_release.engines.llama import (
     FP8_DTYPE,
     CheckpointError,
     Fp8Weight,
     LlamaShape,
+    LlamaWeights,
     load_weights,
     quantize_static,
     read_builtin_quant_spec,
@@ -27,7 +30,7 @@ from quant_release.engines.llama import (
     rope_inverse_frequencies,
 )
 from quant_release.engines.runtime import LlamaRuntime, RuntimeOptions, apply_linear, linear_args
-from tests.support.tiny import VOCAB, make_tiny_llama, rewrite_safetensors, set_quant_field
+from tests.support.tiny import VOCAB, fp8_config, make_tiny_llama, rewrite_safetensors, set_quant_field
 
 CPU = torch.device("cpu")
 EAGER = RuntimeOptions(compile=False, cuda_graphs=False, attention="torch")
@@ -67,10 +70,62 @@ def quantized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {
         "bf16_dir": bf16_dir,
         "fp8_dir": root / "fp8",
+        "calib": calib,
         "probe": probe,
         "reference": reference,
         "bf16_reference": bf16_reference,
     }
+
+
+@pytest.fixture(scope="module")
+def kv_quantized(quantized: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The same tiny Llama quantized with an FP8 KV cache as well: modelopt's in-memory logits and the export.
+
+    Weight and activation amaxes are rounded up to 448 * 2**k before the reference is computed and the
+    checkpoint exported. With power-of-two scales modelopt's fake quantization (codes * scale, rounded to
+    BF16) is exact, so its FP8 layers compute bit for bit what the engine's do, and the KV cache is the
+    one place the two can differ. With calibrated scales, rounding alone separates them by as much as the
+    KV cache changes the logits of this tiny model (~0.03), and no test could tell a right cache from a
+    wrong one. The KV scales stay as calibrated (amax / 448, not powers of two).
+    """
+    from modelopt.torch.export import export_hf_checkpoint
+    from modelopt.torch.quantization import quantize
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(quantized["bf16_dir"]), dtype=torch.bfloat16).eval()
+
+    def loop(m: Any) -> None:
+        with torch.inference_mode():
+            m(quantized["calib"])
+
+    quantize(model, fp8_config(kv_cache=True), loop)
+    for name, module in model.named_modules():
+        if name.endswith(("weight_quantizer", "input_quantizer")) and module.is_enabled:
+            module.amax = 448 * torch.exp2(torch.ceil(torch.log2(module.amax.float() / 448)))
+    out_dir = tmp_path_factory.mktemp("fp8kv") / "fp8kv"
+    with torch.inference_mode():
+        reference = model(quantized["probe"]).logits.float()
+        export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(out_dir))
+    return {"dir": out_dir, "probe": quantized["probe"], "reference": reference}
+
+
+def _without_kv_scales(weights: LlamaWeights) -> LlamaWeights:
+    """The same weights with a BF16 KV cache."""
+    layers = [dataclasses.replace(layer, k_scale=None, v_scale=None) for layer in weights.layers]
+    return dataclasses.replace(weights, layers=layers)
+
+
+def _teacher_forced(runtime: LlamaRuntime, rows: list[list[int]], prefix: int) -> torch.Tensor:
+    """Logits at positions prefix.. of equal-length `rows`, one decode step each, fed the rows' own tokens."""
+    batch = len(rows)
+    runtime.reserve(batch, len(rows[0]))
+    runtime.prefill([row[:prefix] for row in rows], list(range(batch)))
+    runtime.active[:batch] = 1
+    steps = []
+    for position in range(prefix, len(rows[0])):
+        runtime.tokens[:batch] = torch.tensor([row[position] for row in rows])
+        steps.append(runtime.decode(batch).float())
+    return torch.stack(steps, dim=1)
 
 
 def _all_logits(runtime: LlamaRuntime, rows: list[list[int]], start: int = 0) -> torch.Tensor:
@@ -376,11 +431,136 @@ def test_unquantized_layer_that_is_not_excluded_is_refused(quantized: dict[str, 
         load_weights(ckpt, CPU, "emulated")
 
 
-def test_kv_cache_quantization_is_refused(quantized: dict[str, Any], tmp_path: Path) -> None:
+def test_kv_cache_quantization_other_than_fp8_is_refused(quantized: dict[str, Any], tmp_path: Path) -> None:
+    ckpt = _copy(quantized["fp8_dir"], tmp_path)
+    set_quant_field(ckpt, "kv_cache_quant_algo", "INT8")
+    with pytest.raises(CheckpointError, match="KV-cache quantization 'INT8' is not supported"):
+        load_weights(ckpt, CPU, "emulated")
+
+
+def test_fp8_kv_cache_without_scales_is_refused(quantized: dict[str, Any], tmp_path: Path) -> None:
+    """A config that declares an FP8 cache for a checkpoint exported without one."""
     ckpt = _copy(quantized["fp8_dir"], tmp_path)
     set_quant_field(ckpt, "kv_cache_quant_algo", "FP8")
-    with pytest.raises(CheckpointError, match="KV-cache quantization"):
+    with pytest.raises(CheckpointError, match=r"KV-cache quantization is FP8 but \S+\.k_proj\.k_scale is missing"):
         load_weights(ckpt, CPU, "emulated")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda t: {k: v for k, v in t.items() if k != "model.layers.1.self_attn.k_proj.k_scale"},
+            "layers.1.self_attn.k_proj.k_scale is missing",
+        ),
+        (
+            lambda t: {k: v for k, v in t.items() if k != "model.layers.0.self_attn.v_proj.v_scale"},
+            "layers.0.self_attn.v_proj.v_scale is missing",
+        ),
+        (lambda t: {**t, "model.layers.0.self_attn.k_proj.k_scale": torch.zeros(())}, "not positive finite"),
+        (lambda t: {**t, "model.layers.0.self_attn.v_proj.v_scale": torch.ones(2)}, "expected a scalar"),
+    ],
+    ids=["no-k-scale", "no-v-scale", "zero-k-scale", "vector-v-scale"],
+)
+def test_broken_kv_scales_are_refused(kv_quantized: dict[str, Any], tmp_path: Path, edit: Any, message: str) -> None:
+    ckpt = _copy(kv_quantized["dir"], tmp_path)
+    rewrite_safetensors(ckpt, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_weights(ckpt, CPU, "emulated")
+
+
+# --- FP8 KV cache ----------------------------------------------------------------------------------
+
+# Max |logit difference| against modelopt's fake-quantized model (logits here span about ±1.4).
+# Prefill runs modelopt's attention math exactly (measured: 0, bit-identical). A decode step attends
+# one query at a time, a different SDPA with other BF16 roundings, which FP8 activation quantization
+# occasionally turns into a whole E4M3 step (measured up to 0.008).
+KV_PREFILL_TOLERANCE = 2e-3
+KV_DECODE_TOLERANCE = 0.0125
+
+
+def test_fp8_kv_cache_matches_modelopt_and_a_bf16_cache_does_not(kv_quantized: dict[str, Any]) -> None:
+    weights = load_weights(kv_quantized["dir"], CPU, "emulated")
+    assert weights.kv_cache_quant_algo == "FP8"
+    assert all(layer.k_scale is not None and layer.v_scale is not None for layer in weights.layers)
+    rows, reference = kv_quantized["probe"].tolist(), kv_quantized["reference"]
+    errors = {}
+    for cache, runtime_weights in (("fp8", weights), ("bf16", _without_kv_scales(weights))):
+        runtime = LlamaRuntime(runtime_weights, CPU, EAGER)
+        prefill = _all_logits(runtime, rows)
+        assert runtime.k_cache.dtype == runtime.v_cache.dtype == (FP8_DTYPE if cache == "fp8" else torch.bfloat16)
+        decode = _teacher_forced(runtime, rows, 8)
+        errors[cache] = (
+            float((prefill - reference).abs().max()),
+            float((decode - reference[:, 8:]).abs().max()),
+        )
+    assert errors["fp8"][0] < KV_PREFILL_TOLERANCE, errors
+    assert errors["fp8"][1] < KV_DECODE_TOLERANCE, errors
+    # The same checkpoint with its K/V kept in BF16 is a different model, and the tolerances can tell.
+    assert errors["bf16"][0] > KV_PREFILL_TOLERANCE, errors
+    assert errors["bf16"][1] > KV_DECODE_TOLERANCE, errors
+
+
+def test_fp8_kv_cache_holds_e4m3_of_rotated_keys_in_half_the_memory(kv_quantized: dict[str, Any]) -> None:
+    """Layer 0's cache holds exactly E4M3(k after RoPE / k_scale) and E4M3(v / v_scale), one byte each."""
+    weights = load_weights(kv_quantized["dir"], CPU, "emulated")
+    fp8_cache, bf16_cache = LlamaRuntime(weights, CPU, EAGER), LlamaRuntime(_without_kv_scales(weights), CPU, EAGER)
+    rows = kv_quantized["probe"].tolist()
+    for runtime in (fp8_cache, bf16_cache):
+        runtime.reserve(2, 64)
+        runtime.prefill(rows, [0, 1])
+    assert fp8_cache.k_cache.shape == bf16_cache.k_cache.shape
+    assert fp8_cache.cache_bytes() * 2 == bf16_cache.cache_bytes()
+    layer = weights.layers[0]
+    assert layer.k_scale is not None and layer.v_scale is not None
+    # Layer 0 sees the same input in both runtimes, so the BF16 cache holds the unquantized K and V.
+    for cache, unquantized, scale in (
+        (fp8_cache.k_cache, bf16_cache.k_cache, layer.k_scale),
+        (fp8_cache.v_cache, bf16_cache.v_cache, layer.v_scale),
+    ):
+        assert cache.dtype == FP8_DTYPE
+        expected = quantize_kv(unquantized[0, :, :, :40], scale)
+        assert torch.equal(cache[0, :, :, :40].view(torch.uint8), expected.view(torch.uint8))
+        assert not cache[0, :, :, 40:].view(torch.uint8).any()  # beyond the prompt: still E4M3 zeros
+
+
+def test_fp8_kv_cache_shared_prefix_and_chunks_match_one_pass(kv_quantized: dict[str, Any]) -> None:
+    """A prefix run once and copied to other slots (copy_prefix), continued in chunks: the one-pass logits."""
+    runtime = LlamaRuntime(load_weights(kv_quantized["dir"], CPU, "emulated"), CPU, EAGER)
+    probe = kv_quantized["probe"].tolist()
+    prefix = probe[0][:16]
+    rows = [prefix + probe[0][16:], prefix + probe[1][16:]]
+    one_pass = _all_logits(runtime, rows)
+    runtime.reserve(3, 64)
+    runtime.prefill([prefix], [2])
+    runtime.copy_prefix(2, [0, 1], 16)
+    assert torch.equal(runtime.k_cache[:, 0, :, :16].view(torch.uint8), runtime.k_cache[:, 2, :, :16].view(torch.uint8))
+    tails = runtime.prefill([row[16:] for row in rows], [0, 1], 16, torch.arange(24).repeat(2, 1)).float()
+    assert _rel_error(tails, one_pass[:, 16:]) < 1e-2
+
+
+def test_fp8_kv_cache_falls_back_to_pytorch_attention_where_triton_has_no_e4m3(
+    monkeypatch: pytest.MonkeyPatch, kv_quantized: dict[str, Any]
+) -> None:
+    """Before compute capability 8.9 Triton cannot store E4M3: PyTorch attention (no CUDA graphs) instead."""
+    from quant_release.engines import runtime
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(runtime, "triton_available", lambda device: True)
+    monkeypatch.setattr(runtime, "triton_fp8_supported", lambda device: False)
+    assert RuntimeOptions.for_device(cuda).attention == "triton"
+    options = RuntimeOptions.for_device(cuda, fp8_kv_cache=True)
+    assert (options.attention, options.cuda_graphs, options.compile) == ("torch", False, True)
+    weights = load_weights(kv_quantized["dir"], CPU, "emulated")
+    with pytest.raises(ValueError, match=r"needs compute capability 8\.9"):
+        LlamaRuntime(weights, CPU, RuntimeOptions(compile=False, cuda_graphs=False, attention="triton"))
+
+
+def test_kv_scales_in_some_layers_only_are_refused(kv_quantized: dict[str, Any]) -> None:
+    weights = load_weights(kv_quantized["dir"], CPU, "emulated")
+    weights.layers[1] = dataclasses.replace(weights.layers[1], v_scale=None)
+    with pytest.raises(ValueError, match="layer 1 has no k_scale or v_scale"):
+        LlamaRuntime(weights, CPU, EAGER)
 
 
 def test_other_algorithms_are_refused(quantized: dict[str, Any], tmp_path: Path) -> None:

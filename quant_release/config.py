@@ -167,6 +167,20 @@ class MmluConfig(_Section):
         json_schema_extra=_cli("--mmlu-max-seq-len"),
     )
     seed: int = Field(0, description="seed for the question subset", json_schema_extra=_cli("--mmlu-seed"))
+    scoring: Literal["generate", "loglikelihood"] = Field(
+        "loglikelihood",
+        description=(
+            "generate: greedy 2 new tokens, correct when the stripped text starts with the answer letter "
+            "(TensorRT-LLM examples/mmlu.py, the published method); loglikelihood: the letter A-D with the "
+            "highest log-probability after 'Answer:'"
+        ),
+        json_schema_extra=_cli("--mmlu-scoring"),
+    )
+    chat_template: bool = Field(
+        False,
+        description="wrap each prompt in the tokenizer's chat template as one user turn",
+        json_schema_extra=_cli("--mmlu-chat-template"),
+    )
 
 
 class BenchmarkConfig(_Section):

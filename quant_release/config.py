@@ -254,6 +254,22 @@ class PublishConfig(_Section):
         description="base_model for the card; default: the Hub repo id of the source",
         json_schema_extra=_cli("--base-model"),
     )
+    max_accuracy_drop: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description=(
+            "MMLU gate: largest acceptable BF16 - FP8 accuracy drop, in percentage points, decided on the "
+            "paired bootstrap interval (95 percent) of the drop: failed (publish blocked) when all of it lies "
+            "above, passed when all of it lies below, undecided otherwise (publish goes on, reported as undecided)"
+        ),
+        json_schema_extra=_cli("--max-accuracy-drop"),
+    )
+    allow_accuracy_drop: bool = Field(
+        False,
+        description="publish even when the MMLU gate failed (recorded in MLflow and the card)",
+        json_schema_extra=_cli("--allow-accuracy-drop"),
+    )
 
     @field_validator("hub_repo_id")
     @classmethod

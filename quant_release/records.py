@@ -15,7 +15,7 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from quant_release.hashing import FileDigest
-from quant_release.paired import PairedComparison
+from quant_release.paired import AccuracyGate, PairedComparison
 
 StageStatus = Literal["completed", "cached", "skipped", "failed"]
 Variant = Literal["bf16", "fp8"]
@@ -278,6 +278,7 @@ class Release(Record):
     hub_repo_id: str | None = None
     hub_revision: str | None = None
     hub_url: str | None = None
+    accuracy_gate: AccuracyGate | None = Field(None, description="the MMLU gate the release went through")
 
     def missing_outputs(self) -> list[str]:
         return missing_files(self.folder, self.files)

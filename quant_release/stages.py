@@ -105,6 +105,8 @@ STAGE_TABLE: tuple[Stage, ...] = (
             "tasks.publish",
             "quant_release.modelcard",
             "quant_release.metrics",
+            "quant_release.quality_gate",
+            "quant_release.paired",
             "quant_release:templates/model_card.md.j2",
         ),
         packages=("huggingface_hub", "jinja2", "pyyaml"),

@@ -96,6 +96,7 @@ def _add_option(group: argparse._ArgumentGroup, path: tuple[str, ...], field: Fi
         kwargs["metavar"] = "N"
     elif annotation is float:
         kwargs["type"] = float
+        kwargs["metavar"] = "X"
     else:
         kwargs["metavar"] = path[-1].upper()
     group.add_argument(flag, **kwargs)

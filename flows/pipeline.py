@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
-from quant_release import calibration
+from quant_release import calibration, mmlu_report
 from quant_release import mmlu as mmlu_data
 from quant_release.atomic import write_text_atomic
 from quant_release.config import ReleaseConfig, Settings
@@ -28,7 +28,7 @@ from quant_release.engines import check_available, resolve_engine
 from quant_release.environment import package_versions, resolved_device
 from quant_release.errors import redact
 from quant_release.progress import Progress
-from quant_release.records import Record, StageReport
+from quant_release.records import MmluResult, Record, StageReport
 from quant_release.stage import Preflight, RunContext, StageRunner, StageTask
 from quant_release.stages import STAGE_TABLE, STAGES, StageName, enabled, needed_stages
 from quant_release.state import StageStore
@@ -140,7 +140,7 @@ def run_release(config: ReleaseConfig, settings: Settings, run_id: str, progress
             seconds=time.monotonic() - started,
         )
         try:
-            _finish(summary, summary_path, tracker, pre.store, runner, error)
+            _finish(summary, summary_path, tracker, pre.store, runner, error, ctx.results.find(MmluResult))
         except Exception as finish_error:
             if error is None:
                 raise
@@ -194,6 +194,7 @@ def _finish(
     store: ArtifactStore,
     runner: StageRunner,
     error: BaseException | None,
+    mmlu_result: MmluResult | None = None,
 ) -> None:
     """Record the summary everywhere; a failure here must not hide the stage error that got us here."""
     runner.engines.close()
@@ -211,13 +212,40 @@ def _finish(
             if spec.stored_with_run and report.status in ("completed", "cached") and report.cache_key:
                 record_file = runner.store.result_dir(spec.name, report.cache_key) / "record.json"
                 store.upload_file(record_file, f"runs/{summary.run_id}/{spec.name}.json")
-        for name in ("mmlu_predictions", "throughput_plot"):
+        for name in ("mmlu_predictions", "throughput_plot", "mmlu_chart"):
             path = summary.artifacts.get(name)
             if path and parent:
                 tracker.log_artifact(parent, Path(path))
+        if parent and mmlu_result is not None:
+            _log_mmlu(tracker, parent, mmlu_result, summary)
         _prefect_artifact(summary)
+        if mmlu_result is not None:
+            _prefect_mmlu_table(mmlu_result)
     finally:
         tracker.finish("FAILED" if error else "FINISHED")
+
+
+def _log_mmlu(tracker: Tracker, parent: str, result: MmluResult, summary: RunSummary) -> None:
+    """The per-subject table and the gate's decision on the parent run (metrics come from the vocabulary)."""
+    tracker.log_table(parent, mmlu_report.subject_table(result), "mmlu/subjects.json")
+    tags = {"mmlu.scoring": result.scoring, "mmlu.chat_template": str(result.chat_template).lower()}
+    if summary.quality_gate:
+        tags["mmlu.gate"] = summary.quality_gate["decision"]
+        tags["mmlu.gate.overridden"] = str(summary.quality_gate["overridden"]).lower()
+    tracker.set_tags(parent, tags)
+
+
+def _prefect_mmlu_table(result: MmluResult) -> None:
+    """MMLU per category, BF16 vs FP8 with standard errors, on the flow run's page."""
+    if not in_flow_run():
+        return
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(
+        table=mmlu_report.category_rows(result),
+        key="mmlu-categories",
+        description=f"MMLU {result.num_fewshot}-shot, {result.scoring} scoring, {result.questions} questions",
+    )
 
 
 def _prefect_artifact(summary: RunSummary) -> None:

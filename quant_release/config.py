@@ -172,6 +172,20 @@ class MmluConfig(_Section):
         json_schema_extra=_cli("--mmlu-max-seq-len"),
     )
     seed: int = Field(0, description="seed for the question subset", json_schema_extra=_cli("--mmlu-seed"))
+    scoring: Literal["generate", "loglikelihood"] = Field(
+        "loglikelihood",
+        description=(
+            "generate: greedy 2 new tokens, correct when the stripped text starts with the answer letter "
+            "(TensorRT-LLM examples/mmlu.py, the published method); loglikelihood: the letter A-D with the "
+            "highest log-probability after 'Answer:'"
+        ),
+        json_schema_extra=_cli("--mmlu-scoring"),
+    )
+    chat_template: bool = Field(
+        False,
+        description="wrap each prompt in the tokenizer's chat template as one user turn",
+        json_schema_extra=_cli("--mmlu-chat-template"),
+    )
 
 
 class BenchmarkConfig(_Section):
@@ -244,6 +258,22 @@ class PublishConfig(_Section):
         None,
         description="base_model for the card; default: the Hub repo id of the source",
         json_schema_extra=_cli("--base-model"),
+    )
+    max_accuracy_drop: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description=(
+            "MMLU gate: largest acceptable BF16 - FP8 accuracy drop, in percentage points, decided on the "
+            "paired bootstrap interval (95 percent) of the drop: failed (publish blocked) when all of it lies "
+            "above, passed when all of it lies below, undecided otherwise (publish goes on, reported as undecided)"
+        ),
+        json_schema_extra=_cli("--max-accuracy-drop"),
+    )
+    allow_accuracy_drop: bool = Field(
+        False,
+        description="publish even when the MMLU gate failed (recorded in MLflow and the card)",
+        json_schema_extra=_cli("--allow-accuracy-drop"),
     )
 
     @field_validator("hub_repo_id")

@@ -37,7 +37,7 @@ Column = Literal["bf16", "fp8"]
 class Metric(Generic[R]):
     key: str  # canonical: the MLflow key
     record: type[R]
-    value: Callable[[R], float]
+    value: Callable[[R], float | None]  # None: the record does not hold it (e.g. an older record)
     label: str  # what a reader sees next to the number
     fmt: str = ".4g"  # format spec of the number
     suffix: str = ""  # after the formatted number, e.g. "x"
@@ -46,7 +46,8 @@ class Metric(Generic[R]):
     model_index: str | None = None  # name of the MMLU result in the card's model-index
 
     def of(self, record: Record | None) -> float | None:
-        return float(self.value(record)) if isinstance(record, self.record) else None
+        value = self.value(record) if isinstance(record, self.record) else None
+        return None if value is None else float(value)
 
     def format(self, value: float | None) -> str:
         return "-" if value is None else format(value, self.fmt) + self.suffix
@@ -118,8 +119,6 @@ VOCABULARY: tuple[Metric[Any], ...] = (
         model_index="MMLU accuracy (FP8)",
     ),
     Metric("mmlu/questions", MmluResult, lambda r: r.questions, "MMLU questions", "d", summary="mmlu_questions"),
-    Metric("mmlu/delta", MmluResult, lambda r: r.fp8.accuracy - r.bf16.accuracy, "MMLU FP8 - BF16", "+.2%"),
-    Metric("mmlu/agreement", MmluResult, lambda r: r.agreement, "MMLU answers in agreement", ".2%"),
     Metric(
         "throughput/bf16_tok_s",
         ThroughputResult,
@@ -161,6 +160,59 @@ VOCABULARY: tuple[Metric[Any], ...] = (
     *_per_variant("latency/{variant}_ttft_ms_p50", lambda m: m.ttft_ms.p50, "TTFT p50 (ms)", ".1f"),
     *_per_variant("latency/{variant}_tpot_ms_p50", lambda m: m.tpot_ms.p50, "TPOT p50 (ms)", ".1f"),
     *_per_variant("latency/{variant}_e2e_ms_p50", lambda m: m.e2e_latency_ms.p50, "end-to-end latency p50 (ms)", ".1f"),
+    # MMLU as a paired BF16-vs-FP8 comparison, each variant with its own standard error (quant_release/paired.py).
+    # Last: their summary keys were added after the contract's.
+    Metric(
+        "mmlu/delta",
+        MmluResult,
+        lambda r: r.fp8.accuracy - r.bf16.accuracy,
+        "MMLU FP8 - BF16",
+        "+.2%",
+        summary="mmlu_delta",
+    ),
+    Metric(
+        "mmlu/agreement",
+        MmluResult,
+        lambda r: r.agreement,
+        "MMLU answers in agreement",
+        ".2%",
+        summary="mmlu_same_answer_rate",
+    ),
+    Metric(
+        "mmlu/bf16_stderr",
+        MmluResult,
+        lambda r: r.bf16.stderr,
+        "MMLU std. error (BF16)",
+        ".2%",
+        summary="mmlu_bf16_stderr",
+    ),
+    Metric(
+        "mmlu/fp8_stderr", MmluResult, lambda r: r.fp8.stderr, "MMLU std. error (FP8)", ".2%", summary="mmlu_fp8_stderr"
+    ),
+    Metric(
+        "mmlu/paired/delta_low",
+        MmluResult,
+        lambda r: r.paired and r.paired.delta_low,
+        "MMLU delta, 95% interval low",
+        "+.2%",
+        summary="mmlu_delta_low",
+    ),
+    Metric(
+        "mmlu/paired/delta_high",
+        MmluResult,
+        lambda r: r.paired and r.paired.delta_high,
+        "MMLU delta, 95% interval high",
+        "+.2%",
+        summary="mmlu_delta_high",
+    ),
+    Metric(
+        "mmlu/paired/mcnemar_p",
+        MmluResult,
+        lambda r: r.paired and r.paired.mcnemar_p_value,
+        "MMLU McNemar p",
+        ".3g",
+        summary="mmlu_mcnemar_p",
+    ),
 )
 
 
@@ -176,8 +228,31 @@ def _sweep_speedups(r: ThroughputResult) -> dict[str, float]:
     return {f"throughput/c{point.concurrency}/fp8_speedup": point.fp8_speedup for point in r.sweep}
 
 
+def _mmlu_group_errors(r: MmluResult) -> dict[str, float]:
+    return {
+        f"mmlu/{variant}/{group.level}/{group.name.replace(' ', '_')}/stderr": group.stderr
+        for variant, scores in (("bf16", r.bf16), ("fp8", r.fp8))
+        for group in scores.groups
+        if group.level == "category"
+    }
+
+
+def _mmlu_subcategories(r: MmluResult) -> dict[str, float]:
+    return {
+        f"mmlu/{variant}/subcategory/{name.replace(' ', '_')}": value
+        for variant, scores in (("bf16", r.bf16), ("fp8", r.fp8))
+        for name, value in scores.per_subcategory.items()
+    }
+
+
 FAMILIES: tuple[MetricFamily[Any], ...] = (
     MetricFamily("mmlu/{variant}/category/{category}", MmluResult, _mmlu_categories, "MMLU accuracy per category"),
+    MetricFamily(
+        "mmlu/{variant}/category/{category}/stderr", MmluResult, _mmlu_group_errors, "MMLU std. error per category"
+    ),
+    MetricFamily(
+        "mmlu/{variant}/subcategory/{subcategory}", MmluResult, _mmlu_subcategories, "MMLU accuracy per subcategory"
+    ),
     MetricFamily(
         "throughput/c{concurrency}/fp8_speedup", ThroughputResult, _sweep_speedups, "FP8 speedup per concurrency"
     ),

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 from quant_release.errors import ConfigError
-from quant_release.records import MmluScores
+from quant_release.records import MmluGroupScore, MmluScores
 
 LETTERS: tuple[str, str, str, str] = ("A", "B", "C", "D")
 # The continuation scored after "Answer:": the few-shot examples read "Answer: X", so the letter
@@ -671,6 +671,12 @@ class Tally:
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
 
+    @property
+    def stderr(self) -> float:
+        """Binomial standard error of the accuracy (questions as independent draws)."""
+        p = self.accuracy
+        return (p * (1 - p) / self.total) ** 0.5 if self.total else 0.0
+
 
 @dataclass(frozen=True)
 class MmluReport:
@@ -682,12 +688,26 @@ class MmluReport:
     per_category: dict[Category, Tally]
 
     def to_record(self) -> MmluScores:
+        levels: tuple[tuple[Literal["subject", "subcategory", "category"], Mapping[str, Tally]], ...] = (
+            ("category", {str(key): t for key, t in self.per_category.items()}),
+            ("subcategory", self.per_subcategory),
+            ("subject", self.per_subject),
+        )
         return MmluScores(
             accuracy=self.overall.accuracy,
             correct=self.overall.correct,
             total=self.overall.total,
+            stderr=self.overall.stderr,
             per_category={key: t.accuracy for key, t in self.per_category.items()},
+            per_subcategory={key: t.accuracy for key, t in self.per_subcategory.items()},
             per_subject={key: t.accuracy for key, t in self.per_subject.items()},
+            groups=[
+                MmluGroupScore(
+                    level=level, name=name, correct=t.correct, total=t.total, accuracy=t.accuracy, stderr=t.stderr
+                )
+                for level, tallies in levels
+                for name, t in tallies.items()
+            ],
         )
 
 
@@ -695,8 +715,8 @@ def _tallies(counts: Mapping[K, list[int]]) -> dict[K, Tally]:
     return {key: Tally(correct=c, total=t) for key, (c, t) in sorted(counts.items())}
 
 
-def score(tasks: Sequence[SubjectTask], predictions: Mapping[str, int]) -> MmluReport:
-    """Accuracy of `predictions` (question id -> chosen index 0..3) over every scored question.
+def score(tasks: Sequence[SubjectTask], predictions: Mapping[str, int | None]) -> MmluReport:
+    """Accuracy of `predictions` (question id -> chosen index 0..3, or None: no answer, counted wrong).
 
     Groups hold only the subjects present (no 0/0 entries). Ids in `predictions` that no task scores
     are ignored; a scored question without a prediction is an error, not a silent miss.
@@ -715,7 +735,7 @@ def score(tasks: Sequence[SubjectTask], predictions: Mapping[str, int]) -> MmluR
                 missing.append(q.id)
                 continue
             chosen = predictions[q.id]
-            if not 0 <= chosen < len(LETTERS):
+            if chosen is not None and not 0 <= chosen < len(LETTERS):
                 raise ValueError(f"prediction for {q.id} is {chosen!r}, not an index 0..3")
             hit = int(chosen == q.answer)
             for entry in (
@@ -737,6 +757,6 @@ def score(tasks: Sequence[SubjectTask], predictions: Mapping[str, int]) -> MmluR
     )
 
 
-def mmlu_scores(tasks: Sequence[SubjectTask], predictions: Mapping[str, int]) -> MmluScores:
+def mmlu_scores(tasks: Sequence[SubjectTask], predictions: Mapping[str, int | None]) -> MmluScores:
     """`score` as the project's MmluScores record (category keys stem/humanities/social_sciences/other)."""
     return score(tasks, predictions).to_record()

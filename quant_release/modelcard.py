@@ -17,8 +17,9 @@ from typing import Any
 import jinja2
 import yaml
 
-from quant_release import metrics
+from quant_release import metrics, quality_gate
 from quant_release.mmlu import CATEGORY_TITLES
+from quant_release.paired import AccuracyGate
 from quant_release.records import (
     Engines,
     MmluResult,
@@ -47,6 +48,7 @@ class CardInputs:
     repo_id: str | None
     license: str | None
     base_model: str | None
+    gate: AccuracyGate | None = None  # the MMLU gate before publish (quant_release/quality_gate.py)
 
     @classmethod
     def from_results(
@@ -58,6 +60,7 @@ class CardInputs:
         repo_id: str | None,
         license: str | None,
         base_model: str | None,
+        gate: AccuracyGate | None = None,
     ) -> CardInputs:
         """The card's inputs from the records of a run; `license`/`base_model` None: the source's own."""
         source = results.get(ModelSource)
@@ -72,6 +75,7 @@ class CardInputs:
             repo_id=repo_id,
             license=license or source.license,
             base_model=base_model or source.base_model,
+            gate=gate,
         )
 
     def records(self) -> Results:
@@ -142,10 +146,12 @@ def render(inputs: CardInputs) -> str:
         source_line = f"**{source.name}** (GGUF file `{source.source}`)"
     else:
         source_line = f"**{source.name}** (local checkpoint)"
-    stderr = 0.0
+    # Each variant's own binomial standard error (records before per-variant errors: computed the same way).
+    stderr = {"bf16": 0.0, "fp8": 0.0}
     if inputs.mmlu and inputs.mmlu.questions:
-        p = inputs.mmlu.fp8.accuracy
-        stderr = math.sqrt(p * (1 - p) / inputs.mmlu.questions)
+        for variant, scores in (("bf16", inputs.mmlu.bf16), ("fp8", inputs.mmlu.fp8)):
+            p = scores.accuracy
+            stderr[variant] = scores.stderr if scores.stderr is not None else math.sqrt(p * (1 - p) / scores.total)
     body = (
         _environment()
         .get_template(TEMPLATE)
@@ -166,10 +172,27 @@ def render(inputs: CardInputs) -> str:
             fp8_bytes=safetensors_bytes(inputs.checkpoint.files),
             fp8_gemm=(inputs.engines.fp8.options.get("fp8_gemm", "n/a") if inputs.engines else "n/a"),
             repo_ref=inputs.repo_id or "./this-folder",
+            mmlu_groups=_mmlu_category_groups(inputs.mmlu),
+            gate=inputs.gate,
+            gate_line=quality_gate.describe(inputs.gate, inputs.mmlu) if inputs.gate and inputs.mmlu else "",
+            chart_name=inputs.mmlu.chart_file.name if inputs.mmlu and inputs.mmlu.chart_file else None,
         )
     )
     meta = yaml.safe_dump(front_matter(inputs), sort_keys=False, allow_unicode=True)
     return f"{FRONT_MATTER_DELIMITER}\n{meta}{FRONT_MATTER_DELIMITER}\n\n{body}"
+
+
+def _mmlu_category_groups(result: MmluResult | None) -> list[dict[str, Any]]:
+    """Per category (and all), both variants' counts and own standard errors, from the record's groups."""
+    if result is None:
+        return []
+    bf16 = {g.name: g for g in result.bf16.groups if g.level == "category"}
+    fp8 = {g.name: g for g in result.fp8.groups if g.level == "category"}
+    return [
+        {"title": title, "bf16": bf16[key], "fp8": fp8[key]}
+        for key, title in CATEGORY_TITLES.items()
+        if key in bf16 and key in fp8
+    ]
 
 
 def _category_rows() -> list[tuple[str, str]]:

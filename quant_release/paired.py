@@ -18,7 +18,6 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
-import numpy as np
 from pydantic import BaseModel, Field
 
 GateDecision = Literal["passed", "failed", "undecided"]
@@ -69,6 +68,8 @@ def compare(
     bf16_correct: Sequence[bool], fp8_correct: Sequence[bool], same_answer: Sequence[bool], seed: int = 0
 ) -> PairedComparison:
     """The paired comparison of two variants' per-question correctness (same questions, same order)."""
+    import numpy as np  # here, not at the top: records.py imports this module, and the CLI imports records
+
     n = len(bf16_correct)
     if n == 0 or len(fp8_correct) != n or len(same_answer) != n:
         raise ValueError("paired comparison needs the same, non-empty list of questions for both variants")

@@ -15,6 +15,7 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from quant_release.hashing import FileDigest
+from quant_release.paired import AccuracyGate, PairedComparison
 
 StageStatus = Literal["completed", "cached", "skipped", "failed"]
 Variant = Literal["bf16", "fp8"]
@@ -137,12 +138,26 @@ class Engines(Record):
     probe_tokens: int
 
 
+class MmluGroupScore(BaseModel):
+    """One subject, subcategory or category of one variant: its count and binomial standard error."""
+
+    level: Literal["subject", "subcategory", "category"]
+    name: str
+    correct: int
+    total: int
+    accuracy: float
+    stderr: float
+
+
 class MmluScores(BaseModel):
     accuracy: float
     correct: int
     total: int
     per_category: dict[str, float]
     per_subject: dict[str, float]
+    stderr: float | None = Field(None, description="binomial standard error of `accuracy` (this variant's own)")
+    per_subcategory: dict[str, float] = Field(default_factory=dict)
+    groups: list[MmluGroupScore] = Field(default_factory=list, description="every level with counts and errors")
 
 
 class MmluResult(Record):
@@ -159,9 +174,19 @@ class MmluResult(Record):
     predictions_file: Path
     seconds_bf16: float
     seconds_fp8: float
+    scoring: Literal["generate", "loglikelihood"] = Field(
+        "loglikelihood", description="generate: 2 greedy tokens start with the letter; loglikelihood: argmax A-D"
+    )
+    chat_template: bool = Field(False, description="prompts were wrapped in the tokenizer's chat template")
+    fewshot_split: str | None = Field(None, description="where the shots came from: dev, test, or dev+test")
+    unanswered_bf16: int = Field(0, description="generate scoring: outputs starting with no letter (counted wrong)")
+    unanswered_fp8: int = 0
+    paired: PairedComparison | None = Field(None, description="FP8 vs BF16 on the same questions")
+    chart_file: Path | None = Field(None, description="PNG: accuracy per category, BF16 vs FP8")
 
     def missing_outputs(self) -> list[str]:
-        return [] if self.predictions_file.is_file() else [str(self.predictions_file)]
+        files = [self.predictions_file] + ([self.chart_file] if self.chart_file else [])
+        return [str(f) for f in files if not f.is_file()]
 
 
 class LatencyStats(BaseModel):
@@ -253,6 +278,7 @@ class Release(Record):
     hub_repo_id: str | None = None
     hub_revision: str | None = None
     hub_url: str | None = None
+    accuracy_gate: AccuracyGate | None = Field(None, description="the MMLU gate the release went through")
 
     def missing_outputs(self) -> list[str]:
         return missing_files(self.folder, self.files)

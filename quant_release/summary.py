@@ -5,9 +5,11 @@ Its metrics and the table's rows come from the metric vocabulary (quant_release/
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
-from quant_release import metrics
+from quant_release import metrics, quality_gate
 from quant_release.config import ReleaseConfig
 from quant_release.errors import error_message
 from quant_release.progress import format_seconds
@@ -38,6 +40,8 @@ class RunSummary(BaseModel):
     device: str
     environment: dict[str, str]
     parent_metrics: dict[str, float] = Field(default_factory=dict, exclude=True)
+    # The MMLU gate before publish (quant_release/quality_gate.py): decision, drop and its interval, threshold.
+    quality_gate: dict[str, Any] | None = None
 
 
 def build_summary(
@@ -85,6 +89,7 @@ def build_summary(
             "release_folder": str(release.folder) if release else None,
             "mmlu_predictions": str(result.predictions_file) if result else None,
             "throughput_plot": str(throughput.plot_file) if throughput and throughput.plot_file else None,
+            "mmlu_chart": str(result.chart_file) if result and result.chart_file else None,
         },
         mlflow={"tracking_uri": tracking_uri, "run_id": mlflow_run_id},
         hub={
@@ -95,7 +100,16 @@ def build_summary(
         device=engines.device_name if engines else device,
         environment=versions,
         parent_metrics=parent_metrics,
+        quality_gate=_gate_summary(result, config),
     )
+
+
+def _gate_summary(result: MmluResult | None, config: ReleaseConfig) -> dict[str, Any] | None:
+    """The gate as publish decides it; there even when publish failed on it or did not run."""
+    gate = quality_gate.gate_for(result, config.publish)
+    if gate is None or result is None:
+        return None
+    return {**gate.model_dump(), "questions": result.questions, "scoring": result.scoring}
 
 
 def summary_table(summary: RunSummary) -> str:
@@ -116,6 +130,14 @@ def summary_table(summary: RunSummary) -> str:
     if summary.hub.get("url"):
         lines.append(f"hub:      {summary.hub['url']} @ {summary.hub['revision']}")
     lines.append(f"mlflow:   {summary.mlflow['tracking_uri']} run {summary.mlflow['run_id']}")
+    if summary.quality_gate:
+        gate = summary.quality_gate
+        override = " (overridden)" if gate.get("overridden") else ""
+        lines.append(
+            f"MMLU gate: {gate['decision']}{override}, drop {100 * gate['drop']:.2f} pp "
+            f"[{100 * gate['drop_low']:.2f}, {100 * gate['drop_high']:.2f}] "
+            f"vs max {100 * gate['max_accuracy_drop']:.2f} pp"
+        )
     if summary.error:
         lines.append(f"error:    {summary.error}")
     return "\n".join(lines)

@@ -131,6 +131,10 @@ class Tracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, redact(text), artifact_file)
 
+    def log_table(self, run_id: str, data: Mapping[str, list[Any]], artifact_file: str) -> None:
+        """A table (columns of equal length) that MLflow's UI shows and compares across runs."""
+        self.client.log_table(run_id, data=dict(data), artifact_file=artifact_file)
+
 
 def _redacted(tags: Mapping[str, str]) -> dict[str, str]:
     return {key: redact(str(value))[:5000] for key, value in tags.items()}

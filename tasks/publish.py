@@ -12,14 +12,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from quant_release import modelcard
+from quant_release import modelcard, quality_gate
 from quant_release.config import PublishConfig, Settings
 from quant_release.errors import ConfigError
 from quant_release.hashing import digest_dir
 from quant_release.modelcard import CardInputs
 from quant_release.progress import Progress
-from quant_release.records import QuantizedCheckpoint, Release
-from quant_release.stage import RunContext, stage_task
+from quant_release.records import MmluResult, QuantizedCheckpoint, Release
+from quant_release.stage import RunContext, StageWork, stage_task
 from quant_release.storage import ArtifactStore
 
 
@@ -104,13 +104,21 @@ def run_publish(
         validate_card_on_hub(card, settings.hf_endpoint)
     folder = out_dir / "release"
     plots = [inputs.throughput.plot_file] if inputs.throughput and inputs.throughput.plot_file else []
+    if inputs.mmlu and inputs.mmlu.chart_file:
+        plots.append(inputs.mmlu.chart_file)
     assemble_folder(inputs.checkpoint, card, folder, plots)
     files = digest_dir(folder)
     progress.note("publish", f"release folder ready: {len(files)} files")
     release_store = store.child(f"releases/{key}")
     progress.note("publish", f"storing release folder at {release_store.uri}")
     release_store.upload_dir(folder)
-    release = Release(folder=folder, model_card=folder / "README.md", files=files, artifact_uri=release_store.uri)
+    release = Release(
+        folder=folder,
+        model_card=folder / "README.md",
+        files=files,
+        artifact_uri=release_store.uri,
+        accuracy_gate=inputs.gate,
+    )
     if not config.push_to_hub:
         return release
 
@@ -140,6 +148,8 @@ def run_publish(
 @stage_task("publish")
 def publish_task(ctx: RunContext) -> Release:
     config, settings, store = ctx.config.publish, ctx.settings, ctx.preflight.store
+    mmlu = ctx.results.find(MmluResult)
+    gate = quality_gate.gate_for(mmlu, config)
     inputs = CardInputs.from_results(
         ctx.results,
         run_id=ctx.run_id,
@@ -147,9 +157,14 @@ def publish_task(ctx: RunContext) -> Release:
         repo_id=config.hub_repo_id,
         license=config.license,
         base_model=config.base_model,
+        gate=gate,
     )
-    return ctx.runner.run(
-        "publish",
-        cache_inputs(config, settings, store.uri),
-        lambda work: run_publish(config, settings, inputs, store, work.key, work.dir, ctx.progress),
-    )
+
+    def produce(work: StageWork) -> Release:
+        # Inside the stage, first: a failed gate fails publish (with its figures) before anything is stored.
+        quality_gate.enforce(gate, mmlu)
+        if gate is not None:
+            ctx.progress.note("publish", quality_gate.describe(gate, mmlu) if mmlu else gate.decision)
+        return run_publish(config, settings, inputs, store, work.key, work.dir, ctx.progress)
+
+    return ctx.runner.run("publish", cache_inputs(config, settings, store.uri), produce)

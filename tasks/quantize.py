@@ -176,14 +176,18 @@ def measure_fidelity(
     """fp32 vs BF16 vs the exported FP8 files on held-out text; None when --fidelity-tokens is 0."""
     if config.fidelity_tokens == 0:
         return None
+    text, documents = fidelity.heldout_text()
     windows = fidelity.heldout_windows(
-        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], config.fidelity_tokens, separator
+        lambda document: tokenizer(document, add_special_tokens=False)["input_ids"],
+        config.fidelity_tokens,
+        separator,
+        documents,
     )
     figures = fidelity.measure(
-        source_dir, checkpoint_dir, windows, device, lambda text: progress.note("quantize", text)
+        source_dir, checkpoint_dir, windows, device, lambda line: progress.note("quantize", line)
     )
     report = FidelityReport(
-        text=fidelity.HELDOUT_TEXT,
+        text=text,
         tokens=figures.tokens,
         fingerprint=figures.fingerprint,
         reference="fp32 (transformers, the source checkpoint)",

@@ -74,12 +74,15 @@ def _add_option(group: argparse._ArgumentGroup, path: tuple[str, ...], field: Fi
     kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
     origin = typing.get_origin(annotation)
     enum = field.json_schema_extra.get("enum") if isinstance(field.json_schema_extra, dict) else None
+    # Former names of a renamed option keep working.
+    aliases = field.json_schema_extra.get("aliases") if isinstance(field.json_schema_extra, dict) else None
+    flags = [flag, *(str(a) for a in aliases)] if isinstance(aliases, list) else [flag]
     if isinstance(enum, list):  # choices from a registry (calibration sources, engines)
         kwargs["choices"] = [str(choice) for choice in enum]
-        group.add_argument(flag, **kwargs)
+        group.add_argument(*flags, **kwargs)
         return
     if annotation is bool:
-        group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         return
     if origin is list:
         (item,) = typing.get_args(annotation)
@@ -99,7 +102,7 @@ def _add_option(group: argparse._ArgumentGroup, path: tuple[str, ...], field: Fi
         kwargs["metavar"] = "X"
     else:
         kwargs["metavar"] = path[-1].upper()
-    group.add_argument(flag, **kwargs)
+    group.add_argument(*flags, **kwargs)
 
 
 def _common_options(parser: argparse.ArgumentParser) -> None:

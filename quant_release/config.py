@@ -75,31 +75,86 @@ class QuantizationConfig(_Section):
         description=(
             "calibration text. "
             + "; ".join(f"{source.name}: {source.description}" for source in calibration.SOURCES.values())
-            + f"; auto: the first available of {', '.join(calibration.auto_order())}"
+            + f"; auto: the first available of {', '.join(calibration.auto_order())}; or "
+            + "; ".join(syntax for syntax, _ in calibration.FAMILIES.values())
         ),
-        # The choices come from the registry (quant_release/calibration/): a dropdown in the Prefect form.
-        json_schema_extra=_cli("--calib-dataset", enum=list(calibration.choices())),
+        # Named sources come from the registry (quant_release/calibration/); a spec (a file, a Hub dataset)
+        # is free text, so they are suggestions in the Prefect form, not an enum.
+        json_schema_extra=_cli("--calib-dataset", examples=list(calibration.choices())),
     )
-    calib_samples: int = Field(
-        64, ge=1, le=4096, description="calibration sequences", json_schema_extra=_cli("--calib-samples")
+    # Named as modelopt's examples/llm_ptq/hf_ptq.py names them; the old names still work (aliases).
+    calib_size: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        validation_alias=AliasChoices("calib_size", "calib_samples"),
+        description="calibration sequences (formerly calib_samples)",
+        json_schema_extra=_cli("--calib-size", aliases=["--calib-samples"]),
     )
-    calib_seq_len: int = Field(
+    calib_seq: int = Field(
         512,
         ge=16,
         le=16384,
-        description="tokens per calibration sequence",
-        json_schema_extra=_cli("--calib-seq-len"),
+        validation_alias=AliasChoices("calib_seq", "calib_seq_len"),
+        description="tokens per calibration sequence (formerly calib_seq_len)",
+        json_schema_extra=_cli("--calib-seq", aliases=["--calib-seq-len"]),
     )
-    calib_batch_size: int = Field(
-        8, ge=1, le=512, description="calibration batch size", json_schema_extra=_cli("--calib-batch-size")
+    batch_size: int = Field(
+        8,
+        ge=0,
+        le=4096,
+        validation_alias=AliasChoices("batch_size", "calib_batch_size"),
+        description=(
+            "calibration batch size (formerly calib_batch_size); 0: the largest that fits GPU memory "
+            "(modelopt's get_max_batch_size, as hf_ptq.py), on a CPU 8"
+        ),
+        json_schema_extra=_cli("--batch-size", aliases=["--calib-batch-size"]),
     )
     seed: int = Field(0, description="seed for calibration sampling", json_schema_extra=_cli("--calib-seed"))
+    fidelity_tokens: int = Field(
+        1024,
+        ge=0,
+        le=65536,
+        description=(
+            "held-out tokens on which the exported FP8 checkpoint is compared with BF16 and an fp32 reference "
+            "(perplexity, KL, top-1); 0: not measured, and no fidelity gate"
+        ),
+        json_schema_extra=_cli("--fidelity-tokens"),
+    )
+    max_ppl_increase: float = Field(
+        0.02,
+        ge=0,
+        description="fidelity gate: quantize fails when FP8 perplexity exceeds BF16's by more than this fraction",
+        json_schema_extra=_cli("--max-ppl-increase"),
+    )
+    override_fidelity_gate: bool = Field(
+        False,
+        description="accept a checkpoint that fails the fidelity gate (recorded in MLflow and the model card)",
+        json_schema_extra=_cli("--override-fidelity-gate"),
+    )
+
+    # Former attribute names, for code written before the rename (read-only).
+    @property
+    def calib_samples(self) -> int:
+        return self.calib_size
+
+    @property
+    def calib_seq_len(self) -> int:
+        return self.calib_seq
+
+    @property
+    def calib_batch_size(self) -> int:
+        return self.batch_size
 
     @field_validator("calib_dataset")
     @classmethod
     def _known_source(cls, value: str) -> str:
-        if value not in calibration.choices():
-            raise ValueError(f"unknown calibration dataset {value!r}; choose one of {', '.join(calibration.choices())}")
+        if value == calibration.AUTO:
+            return value
+        try:
+            calibration.source(value)  # a name, or a well-formed spec (existence is preflight's question)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
 

@@ -37,7 +37,7 @@ Column = Literal["bf16", "fp8"]
 class Metric(Generic[R]):
     key: str  # canonical: the MLflow key
     record: type[R]
-    value: Callable[[R], float | None]  # None: the record does not hold it (e.g. an older record)
+    value: Callable[[R], float | None]  # None: the record holds no such measurement (not measured, older record)
     label: str  # what a reader sees next to the number
     fmt: str = ".4g"  # format spec of the number
     suffix: str = ""  # after the formatted number, e.g. "x"
@@ -156,6 +156,101 @@ VOCABULARY: tuple[Metric[Any], ...] = (
         summary="fp8_top1_agreement",
         headline="fp8",
     ),
+    # Fidelity of the exported checkpoint on held-out text (quantize stage, quant_release/fidelity.py).
+    Metric(
+        "quantize/ppl_bf16",
+        QuantizedCheckpoint,
+        lambda r: r.fidelity.ppl_bf16 if r.fidelity else None,
+        "Held-out perplexity",
+        ".3f",
+        summary="ppl_bf16",
+        headline="bf16",
+    ),
+    Metric(
+        "quantize/ppl_fp8",
+        QuantizedCheckpoint,
+        lambda r: r.fidelity.ppl_fp8 if r.fidelity else None,
+        "Held-out perplexity",
+        ".3f",
+        summary="ppl_fp8",
+        headline="fp8",
+    ),
+    Metric(
+        "quantize/kl_bf16_fp8",
+        QuantizedCheckpoint,
+        lambda r: r.fidelity.kl_bf16_fp8 if r.fidelity else None,
+        "KL(BF16 || FP8), nats/token",
+        ".4f",
+        summary="quant_kl",
+        headline="fp8",
+    ),
+    Metric(
+        "quantize/ppl_fp32",
+        QuantizedCheckpoint,
+        lambda r: r.fidelity.ppl_fp32 if r.fidelity else None,
+        "held-out perplexity (fp32 reference)",
+        ".3f",
+        summary="ppl_fp32",
+    ),
+    Metric(
+        "quantize/kl_fp32_bf16",
+        QuantizedCheckpoint,
+        lambda r: r.fidelity.kl_fp32_bf16 if r.fidelity else None,
+        "KL(fp32 || BF16), the noise floor",
+        ".4f",
+        summary="kl_fp32_bf16",
+    ),
+    Metric(
+        "quantize/kl_fp32_fp8",
+        QuantizedCheckpoint,
+        lambda r: r.fidelity.kl_fp32_fp8 if r.fidelity else None,
+        "KL(fp32 || FP8)",
+        ".4f",
+        summary="kl_fp32_fp8",
+    ),
+    Metric(
+        "quantize/top1_bf16_vs_fp32",
+        QuantizedCheckpoint,
+        lambda r: r.fidelity.top1_bf16_vs_fp32 if r.fidelity else None,
+        "top-1 agreement BF16 vs fp32",
+        ".2%",
+    ),
+    Metric(
+        "quantize/top1_fp8_vs_fp32",
+        QuantizedCheckpoint,
+        lambda r: r.fidelity.top1_fp8_vs_fp32 if r.fidelity else None,
+        "top-1 agreement FP8 vs fp32",
+        ".2%",
+    ),
+    Metric(
+        "quantize/top1_fp8_vs_bf16",
+        QuantizedCheckpoint,
+        lambda r: r.fidelity.top1_fp8_vs_bf16 if r.fidelity else None,
+        "top-1 agreement FP8 vs BF16 (exported files, emulated)",
+        ".2%",
+    ),
+    Metric(
+        "quantize/fidelity_tokens",
+        QuantizedCheckpoint,
+        lambda r: r.fidelity.tokens if r.fidelity else None,
+        "held-out tokens scored",
+        "d",
+    ),
+    Metric(
+        "quantize/fidelity_gate_max_ppl_increase",
+        QuantizedCheckpoint,
+        lambda r: r.gate.max_ppl_increase if r.gate else None,
+        "fidelity gate: largest FP8 perplexity increase allowed",
+        ".2%",
+    ),
+    Metric(
+        "quantize/fidelity_gate_overridden",
+        QuantizedCheckpoint,
+        lambda r: float(r.gate.overridden) if r.gate else None,
+        "fidelity gate failed and was overridden (1) or not (0)",
+        ".0f",
+        summary="fidelity_gate_overridden",
+    ),
     *_per_variant("throughput/{variant}_req_s", lambda m: m.request_throughput, "requests/s", ".3f"),
     *_per_variant("latency/{variant}_ttft_ms_p50", lambda m: m.ttft_ms.p50, "TTFT p50 (ms)", ".1f"),
     *_per_variant("latency/{variant}_tpot_ms_p50", lambda m: m.tpot_ms.p50, "TPOT p50 (ms)", ".1f"),
@@ -266,6 +361,21 @@ def stage_seconds_key(stage: str) -> str:
     return STAGE_SECONDS.format(stage=stage)
 
 
+# Also logged by the stage runner: the stage's peak host RSS and peak GPU memory per GPU (quant_release/memory.py).
+STAGE_PEAK_RSS = "stage/{stage}/peak_rss_bytes"
+STAGE_PEAK_GPU = "stage/{stage}/peak_gpu{index}_bytes"
+
+
+def stage_memory_metrics(stage: str, rss_bytes: int | None, gpu_bytes: Mapping[str, int]) -> dict[str, float]:
+    """The peak-memory metrics of one stage, under their canonical keys (`gpu_bytes` keyed `cuda:N`)."""
+    out: dict[str, float] = {}
+    if rss_bytes is not None:
+        out[STAGE_PEAK_RSS.format(stage=stage)] = float(rss_bytes)
+    for device, value in gpu_bytes.items():
+        out[STAGE_PEAK_GPU.format(stage=stage, index=device.rpartition(":")[2])] = float(value)
+    return out
+
+
 def record_metrics(record: Record) -> dict[str, float]:
     """Every metric of the vocabulary that `record` produces, under its canonical key."""
     out: dict[str, float] = {}
@@ -313,7 +423,7 @@ def model_index_metrics(result: MmluResult) -> list[dict[str, Any]]:
 
 
 def _check_vocabulary() -> None:
-    keys = [m.key for m in VOCABULARY] + [f.key for f in FAMILIES] + [STAGE_SECONDS]
+    keys = [m.key for m in VOCABULARY] + [f.key for f in FAMILIES] + [STAGE_SECONDS, STAGE_PEAK_RSS, STAGE_PEAK_GPU]
     summaries = [m.summary for m in VOCABULARY if m.summary]
     for name, values in (("key", keys), ("summary key", summaries)):
         duplicates = sorted({v for v in values if values.count(v) > 1})

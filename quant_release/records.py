@@ -96,6 +96,39 @@ class CalibrationInfo(BaseModel):
     fingerprint: str = Field(description="sha256 of the calibration token ids")
 
 
+class FidelityReport(BaseModel):
+    """The exported checkpoint against its original on held-out text (quant_release/fidelity.py)."""
+
+    text: str = Field(description="the held-out text scored (never used for calibration)")
+    tokens: int = Field(description="next-token predictions scored")
+    fingerprint: str = Field(description="sha256 of the scored token ids")
+    reference: str = Field(description="what the noise floor is measured against")
+    fp8_gemm: str = Field(description="how FP8 was computed (emulated: E4M3-rounded values, BF16 math)")
+    ppl_fp32: float
+    ppl_bf16: float
+    ppl_fp8: float
+    kl_fp32_bf16: float = Field(description="KL(fp32 || BF16), nats/token: the noise floor")
+    kl_fp32_fp8: float
+    kl_bf16_fp8: float = Field(description="KL(BF16 || FP8), nats/token: what quantization moved")
+    top1_bf16_vs_fp32: float
+    top1_fp8_vs_fp32: float
+    top1_fp8_vs_bf16: float
+
+    @property
+    def ppl_increase(self) -> float:
+        """FP8 perplexity over BF16's, minus one (0.01: 1% worse)."""
+        return self.ppl_fp8 / self.ppl_bf16 - 1
+
+
+class FidelityGate(BaseModel):
+    """The fidelity gate as checked for this run (not part of the cache key: changing it re-checks)."""
+
+    max_ppl_increase: float
+    ppl_increase: float
+    passed: bool
+    overridden: bool = Field(description="failed, and accepted by --override-fidelity-gate")
+
+
 class QuantizedCheckpoint(Record):
     """quantize: the exported unified HF checkpoint (`hf_quant_config.json`)."""
 
@@ -108,6 +141,8 @@ class QuantizedCheckpoint(Record):
     modelopt_version: str
     files: list[FileDigest]
     fingerprint: str
+    fidelity: FidelityReport | None = Field(None, description="None: not measured (--fidelity-tokens 0)")
+    gate: FidelityGate | None = Field(None, description="set by the gate check after the stage, every run")
 
     def missing_outputs(self) -> list[str]:
         return missing_files(self.checkpoint_dir, self.files)
@@ -321,3 +356,6 @@ class StageReport(BaseModel):
     cache_key: str | None = None
     error: str | None = None
     mlflow_run_id: str | None = None
+    # Peaks while the stage ran (a cached stage: while it was read back); quant_release/memory.py.
+    peak_rss_bytes: int | None = None
+    peak_gpu_memory_bytes: dict[str, int] = Field(default_factory=dict, description="per GPU, e.g. cuda:0")

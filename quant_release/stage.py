@@ -25,6 +25,7 @@ from quant_release import metrics
 from quant_release.config import ReleaseConfig, Settings
 from quant_release.engines.pool import EnginePool
 from quant_release.errors import MissingUpstreamError, error_message
+from quant_release.memory import PeakMemory
 from quant_release.mmlu import MmluDataset
 from quant_release.progress import Progress
 from quant_release.records import CheckedSource, Record, Results, StageReport
@@ -65,11 +66,52 @@ class StageRunner:
         upstream = {need: self.keys[need] for need in spec.needs if need in self.keys}
         return {**inputs, "upstream": upstream, "code": code_version(spec, self.engine)}
 
-    def run(self, stage: str, inputs: Mapping[str, Any], produce: Callable[[StageWork], R]) -> R:
+    def run(
+        self,
+        stage: str,
+        inputs: Mapping[str, Any],
+        produce: Callable[[StageWork], R],
+        accept: Callable[[R], R] | None = None,
+    ) -> R:
+        """`_run` (below), with the stage's peak host and GPU memory added to its report and MLflow run."""
+        peak = PeakMemory()
+        try:
+            with peak:
+                return self._run(stage, inputs, produce, accept)
+        finally:
+            self._record_memory(stage, peak)
+
+    def _record_memory(self, stage: str, peak: PeakMemory) -> None:
+        report = self.reports.get(stage)
+        if report is None:
+            return
+        self.reports[stage] = report.model_copy(
+            update={"peak_rss_bytes": peak.rss_bytes, "peak_gpu_memory_bytes": peak.gpu_bytes}
+        )
+        if report.mlflow_run_id:  # the stage's run has ended; MLflow still takes metrics for it
+            self.tracker.log_metrics(
+                report.mlflow_run_id, metrics.stage_memory_metrics(stage, peak.rss_bytes, peak.gpu_bytes)
+            )
+        if report.status == "completed" and peak.rss_bytes is not None:
+            gpus = "".join(f", {device} {value / 2**30:.2f} GiB" for device, value in peak.gpu_bytes.items())
+            scope = "" if peak.rss_scope == "stage" else " (process lifetime)"
+            self.progress.note(stage, f"peak memory: host RSS {peak.rss_bytes / 2**30:.2f} GiB{scope}{gpus}")
+
+    def _run(
+        self,
+        stage: str,
+        inputs: Mapping[str, Any],
+        produce: Callable[[StageWork], R],
+        accept: Callable[[R], R] | None,
+    ) -> R:
         """Return the stage's record: loaded when finished before, else produced into a fresh dir.
 
         A stage that was not selected is only loaded; if it never finished with these inputs the run
         stops with a message saying which command produces it.
+
+        `accept` is a gate on the record (fresh or cached) whose criteria are not in the key: it returns
+        the record (annotated with its verdict) or raises, which fails the stage while its result stays
+        stored, so changing the criteria or overriding them re-checks the measurement instead of redoing it.
         """
         spec = self._spec(stage)
         full_inputs = self.key_inputs(stage, inputs)
@@ -105,10 +147,22 @@ class StageRunner:
                     self.progress.stage_finished(stage, "failed", seconds, error_message(exc))
                     raise
                 status = "completed"
+            self.tracker.log_artifact(run_id, self.store.result_dir(stage, key) / "record.json")
+            if accept is not None:
+                try:
+                    record = accept(record)
+                except BaseException as exc:
+                    seconds = time.monotonic() - start
+                    # The measured numbers belong in MLflow most of all when the gate rejects them.
+                    self.tracker.log_metrics(run_id, record.metrics())
+                    self.reports[stage] = StageReport(
+                        status="failed", seconds=seconds, cache_key=key, error=error_message(exc), mlflow_run_id=run_id
+                    )
+                    self.progress.stage_finished(stage, "failed", seconds, error_message(exc))
+                    raise
             seconds = time.monotonic() - start
             self.tracker.set_tags(run_id, {"status": status})
             self.tracker.log_metrics(run_id, {**record.metrics(), metrics.stage_seconds_key(stage): seconds})
-            self.tracker.log_artifact(run_id, self.store.result_dir(stage, key) / "record.json")
         self.reports[stage] = StageReport(status=status, seconds=seconds, cache_key=key, mlflow_run_id=run_id)
         if status == "completed":
             self.progress.stage_finished(stage, status, seconds)

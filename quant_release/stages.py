@@ -62,7 +62,18 @@ STAGE_TABLE: tuple[Stage, ...] = (
         help="FP8-quantize with modelopt and export a unified HF checkpoint",
         record=QuantizedCheckpoint,
         needs=("download",),
-        sources=("tasks.quantize", "quant_release.textdata", "quant_release.calibration"),
+        # The fidelity check scores the export with the built-in engine's loader and math: their code too.
+        sources=(
+            "tasks.quantize",
+            "quant_release.textdata",
+            "quant_release.calibration",
+            "quant_release.fidelity",
+            "quant_release.mmlu",
+            "quant_release.engines.checkpoint",
+            "quant_release.engines.llama",
+            "quant_release.engines.runtime",
+            "quant_release.engines.attention",
+        ),
         packages=("torch", "transformers", "nvidia-modelopt"),
     ),
     Stage(

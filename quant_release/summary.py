@@ -70,6 +70,7 @@ def build_summary(
     for stage, report in reports.items():
         if report.status in ("completed", "cached"):
             parent_metrics[metrics.stage_seconds_key(stage)] = report.seconds
+        parent_metrics.update(metrics.stage_memory_metrics(stage, report.peak_rss_bytes, report.peak_gpu_memory_bytes))
     return RunSummary(
         run_id=run_id,
         status="failed" if error else "completed",

@@ -167,4 +167,13 @@ def publish_task(ctx: RunContext) -> Release:
             ctx.progress.note("publish", quality_gate.describe(gate, mmlu) if mmlu else gate.decision)
         return run_publish(config, settings, inputs, store, work.key, work.dir, ctx.progress)
 
-    return ctx.runner.run("publish", cache_inputs(config, settings, store.uri), produce)
+    fidelity_gate = inputs.checkpoint.gate
+    return ctx.runner.run(
+        "publish",
+        # The fidelity gate's verdict is on the card but not in quantize's key (it is re-checked each run).
+        {
+            **cache_inputs(config, settings, store.uri),
+            "fidelity_gate": fidelity_gate.model_dump() if fidelity_gate else None,
+        },
+        produce,
+    )

@@ -4,6 +4,12 @@ W8A8, per-tensor E4M3 with static scales (`mtq.FP8_DEFAULT_CFG`): weight scales 
 activation scales from max-calibration on real text. `export_hf_checkpoint` writes the format that
 TensorRT-LLM, vLLM and SGLang load (`hf_quant_config.json`, `quantization_config` in config.json).
 The export writes no tokenizer, so the tokenizer files are copied from the source.
+
+Then the exported files are read back and scored against the original on held-out text
+(quant_release/fidelity.py), and a fidelity gate checks the result. This stage owns that measurement,
+not build: it is a property of the checkpoint whatever engine serves it, and a bad checkpoint should
+stop the run here, before build, MMLU and the benchmark spend anything on it. The gate's threshold and
+override are not in the cache key: changing them re-checks the stored figures, never re-calibrates.
 """
 
 from __future__ import annotations
@@ -14,11 +20,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from quant_release import calibration, textdata
+from quant_release import calibration, fidelity, textdata
 from quant_release.config import QuantizationConfig
+from quant_release.errors import ConfigError, QuantReleaseError
 from quant_release.hashing import digest_dir, fingerprint, tensor_shapes
 from quant_release.progress import Progress
-from quant_release.records import CalibrationInfo, ModelSource, QuantizedCheckpoint
+from quant_release.records import (
+    CalibrationInfo,
+    FidelityGate,
+    FidelityReport,
+    ModelSource,
+    QuantizedCheckpoint,
+)
 from quant_release.stage import RunContext, stage_task
 
 TOKENIZER_FILES = (
@@ -31,13 +44,22 @@ TOKENIZER_FILES = (
     "merges.txt",
 )
 QUANT_CONFIGS = {"fp8": "FP8_DEFAULT_CFG"}
+# Checked on the stored record every run (StageRunner's `accept`), so not part of the key.
+GATE_FIELDS = {"max_ppl_increase", "override_fidelity_gate"}
+CPU_AUTO_BATCH = 8  # batch_size 0 on a CPU: no memory probe there, and larger batches do not run faster
+
+
+class FidelityGateError(QuantReleaseError):
+    """The exported checkpoint is further from BF16 than the fidelity gate allows."""
 
 
 def cache_inputs(config: QuantizationConfig, calib_dataset: str, source: ModelSource, device: str) -> dict[str, Any]:
     return {
         "source_fingerprint": source.fingerprint,
-        **config.model_dump(exclude={"calib_dataset"}),
+        **config.model_dump(exclude={"calib_dataset", *GATE_FIELDS}),
         "calib_dataset": calib_dataset,
+        # A file's or a Hub dataset's contents, not just its name: an edited file must recalibrate.
+        "calib_identity": calibration.source(calib_dataset).identity(),
         "device": device,
     }
 
@@ -45,11 +67,38 @@ def cache_inputs(config: QuantizationConfig, calib_dataset: str, source: ModelSo
 def calibration_windows(
     calib_dataset: str, encode: Any, config: QuantizationConfig, separator: list[int]
 ) -> list[list[int]]:
-    """Token windows of `calib_seq_len` from a registered calibration source (quant_release/calibration/)."""
-    documents = calibration.source(calib_dataset).documents(config.calib_samples)
+    """`calib_size` windows of `calib_seq` tokens from a calibration source (quant_release/calibration/).
+
+    ConfigError, before any model is loaded, when the text is empty or shorter than the windows need:
+    calibrating on repeated text would quietly calibrate on less than was asked for.
+    """
+    documents = calibration.source(calib_dataset).documents(config.calib_size)
+    needed = config.calib_size * config.calib_seq
+    available = 0
+    for document in documents:
+        available += len(encode(document)) + len(separator)
+        if available >= needed:
+            break
+    if available < needed:
+        raise ConfigError(
+            f"calibration dataset {calib_dataset} holds {available:,} tokens; calib_size x calib_seq = "
+            f"{config.calib_size} x {config.calib_seq} needs {needed:,}: give more text or lower "
+            "--calib-size/--calib-seq"
+        )
     return textdata.token_windows(
-        documents, encode, config.calib_samples, config.calib_seq_len, config.seed, separator=separator
+        documents, encode, config.calib_size, config.calib_seq, config.seed, separator=separator
     )
+
+
+def calibration_batch_size(config: QuantizationConfig, model: Any, device: str) -> int:
+    """`batch_size`, or for 0 the largest that fits GPU memory (modelopt's probe, as hf_ptq.py does)."""
+    if config.batch_size > 0:
+        return min(config.batch_size, config.calib_size)
+    if device != "cuda":
+        return min(CPU_AUTO_BATCH, config.calib_size)
+    from modelopt.torch.utils.dataset_utils import get_max_batch_size
+
+    return max(1, min(int(get_max_batch_size(model, max_sample_length=config.calib_seq)), config.calib_size))
 
 
 def run_quantize(
@@ -69,7 +118,7 @@ def run_quantize(
     calibration = CalibrationInfo(
         dataset=calib_dataset,
         samples=len(windows),
-        seq_len=config.calib_seq_len,
+        seq_len=config.calib_seq,
         tokens=sum(len(w) for w in windows),
         fingerprint=textdata.fingerprint_tokens(windows),
     )
@@ -78,7 +127,8 @@ def run_quantize(
     torch_device = torch.device("cuda" if device == "cuda" else "cpu")
     model: Any = AutoModelForCausalLM.from_pretrained(str(source.model_dir), dtype=torch.bfloat16)
     model = model.to(torch_device).eval()
-    batches = [windows[i : i + config.calib_batch_size] for i in range(0, len(windows), config.calib_batch_size)]
+    batch_size = calibration_batch_size(config, model, device)
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
 
     def forward_loop(calibrated: torch.nn.Module) -> None:
         with torch.inference_mode():
@@ -95,8 +145,11 @@ def run_quantize(
         if (source.model_dir / name).is_file():
             shutil.copy2(source.model_dir / name, checkpoint_dir / name)
 
+    # From here on only the files count: the in-memory model must not leak into the fidelity figures.
+    del model
     quant = json.loads((checkpoint_dir / "hf_quant_config.json").read_text())["quantization"]
     files = digest_dir(checkpoint_dir)
+    report = measure_fidelity(config, source.model_dir, checkpoint_dir, device, eos, tokenizer, progress)
     return QuantizedCheckpoint(
         checkpoint_dir=checkpoint_dir,
         quant_algo=quant["quant_algo"],
@@ -107,7 +160,78 @@ def run_quantize(
         modelopt_version=importlib.metadata.version("nvidia-modelopt"),
         files=files,
         fingerprint=fingerprint(files),
+        fidelity=report,
     )
+
+
+def measure_fidelity(
+    config: QuantizationConfig,
+    source_dir: Path,
+    checkpoint_dir: Path,
+    device: str,
+    separator: list[int],
+    tokenizer: Any,
+    progress: Progress,
+) -> FidelityReport | None:
+    """fp32 vs BF16 vs the exported FP8 files on held-out text; None when --fidelity-tokens is 0."""
+    if config.fidelity_tokens == 0:
+        return None
+    text, documents = fidelity.heldout_text()
+    windows = fidelity.heldout_windows(
+        lambda document: tokenizer(document, add_special_tokens=False)["input_ids"],
+        config.fidelity_tokens,
+        separator,
+        documents,
+    )
+    figures = fidelity.measure(
+        source_dir, checkpoint_dir, windows, device, lambda line: progress.note("quantize", line)
+    )
+    report = FidelityReport(
+        text=text,
+        tokens=figures.tokens,
+        fingerprint=figures.fingerprint,
+        reference="fp32 (transformers, the source checkpoint)",
+        fp8_gemm="emulated",
+        ppl_fp32=figures.ppl_fp32,
+        ppl_bf16=figures.ppl_bf16,
+        ppl_fp8=figures.ppl_fp8,
+        kl_fp32_bf16=figures.bf16_vs_fp32.kl,
+        kl_fp32_fp8=figures.fp8_vs_fp32.kl,
+        kl_bf16_fp8=figures.fp8_vs_bf16.kl,
+        top1_bf16_vs_fp32=figures.bf16_vs_fp32.top1,
+        top1_fp8_vs_fp32=figures.fp8_vs_fp32.top1,
+        top1_fp8_vs_bf16=figures.fp8_vs_bf16.top1,
+    )
+    progress.note(
+        "quantize",
+        f"fidelity on {report.tokens} held-out tokens: ppl fp32 {report.ppl_fp32:.2f} -> BF16 {report.ppl_bf16:.2f}"
+        f" -> FP8 {report.ppl_fp8:.2f}; KL(BF16||FP8) {report.kl_bf16_fp8:.4f}; top-1 FP8 vs BF16"
+        f" {report.top1_fp8_vs_bf16:.1%} (BF16 vs fp32 {report.top1_bf16_vs_fp32:.1%})",
+    )
+    return report
+
+
+def check_fidelity_gate(record: QuantizedCheckpoint, config: QuantizationConfig) -> QuantizedCheckpoint:
+    """The record with the gate's verdict; FidelityGateError, with the numbers, when it fails unaccepted."""
+    report = record.fidelity
+    if report is None:
+        return record.model_copy(update={"gate": None})
+    increase = report.ppl_increase
+    passed = increase <= config.max_ppl_increase
+    if not passed and not config.override_fidelity_gate:
+        raise FidelityGateError(
+            f"fidelity gate failed: FP8 perplexity {report.ppl_fp8:.3f} is {increase:+.2%} from BF16's "
+            f"{report.ppl_bf16:.3f} (limit +{config.max_ppl_increase:.2%}; KL(BF16||FP8) {report.kl_bf16_fp8:.4f}, "
+            f"top-1 vs BF16 {report.top1_fp8_vs_bf16:.1%}, {report.tokens} held-out tokens); the checkpoint is kept: "
+            "--override-fidelity-gate accepts it, --max-ppl-increase changes the limit"
+        )
+    gate = FidelityGate(
+        max_ppl_increase=config.max_ppl_increase,
+        ppl_increase=increase,
+        passed=passed,
+        overridden=not passed,
+    )
+    return record.model_copy(update={"gate": gate})
 
 
 @stage_task("quantize")
@@ -119,4 +243,5 @@ def quantize_task(ctx: RunContext) -> QuantizedCheckpoint:
         "quantize",
         cache_inputs(config, calib_dataset, source, device),
         lambda work: run_quantize(config, calib_dataset, source, device, work.dir, ctx.progress),
+        accept=lambda record: check_fidelity_gate(record, config),
     )

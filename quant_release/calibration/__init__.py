@@ -7,6 +7,10 @@ choices, the CLI's `--calib-dataset` choices and the Prefect form's dropdown com
 
 `auto` tries the sources that have an `auto_rank`, lowest first, and picks the first that is
 `available` (cnn_dailymail when the Hub answers, else python-docs), once, in preflight.
+
+Sources with arguments come from a *family* (`@register_family`): a parser that recognises its specs,
+e.g. `file:PATH` (hub_dataset.py, local_file.py). A spec is checked in preflight (`resolve`: the file
+exists, the Hub answers), so a typo costs seconds, not a model download.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from quant_release.errors import ConfigError
 
 AUTO = "auto"
 Documents = Callable[[int], list[str]]
+# A family of sources named by a spec (`file:PATH`, `NAME:CONFIG:SPLIT:COLUMN`): spec -> documents, or
+# None when the spec is not of this family. Raises ConfigError for a spec of its family that is malformed.
+Family = Callable[[str], "CalibrationSource | None"]
 
 
 def _always(endpoint: str) -> bool:
@@ -34,9 +41,12 @@ class CalibrationSource:
     documents: Documents  # (calibration windows wanted) -> enough documents to cut them from
     available: Callable[[str], bool]  # (Hub endpoint) -> usable now; asked only by `auto`
     auto_rank: int | None  # order in which `auto` tries it; None: only when chosen by name
+    # What the quantize stage's cache key records beyond the name: a file's sha256, a dataset's commit.
+    identity: Callable[[], str | None] = lambda: None
 
 
 SOURCES: dict[str, CalibrationSource] = {}
+FAMILIES: dict[str, tuple[str, Family]] = {}  # name -> (what its specs look like, parser)
 
 
 def register(
@@ -53,6 +63,18 @@ def register(
     return decorate
 
 
+def register_family(name: str, syntax: str) -> Callable[[Family], Family]:
+    """Register a parser of specs that name a source with arguments (a file, any Hub dataset)."""
+
+    def decorate(parse: Family) -> Family:
+        if name in FAMILIES:
+            raise ValueError(f"calibration source family {name!r} is registered twice")
+        FAMILIES[name] = (syntax, parse)
+        return parse
+
+    return decorate
+
+
 def choices() -> tuple[str, ...]:
     """What `quantization.calib_dataset` accepts: `auto` and every registered source."""
     return (AUTO, *sorted(SOURCES))
@@ -65,16 +87,25 @@ def auto_order() -> list[str]:
 
 
 def source(name: str) -> CalibrationSource:
-    try:
+    """A registered source by name, or the source a family's spec names (parsed, not yet read)."""
+    if name in SOURCES:
         return SOURCES[name]
-    except KeyError:
-        raise ConfigError(f"unknown calibration dataset {name!r}; known: {', '.join(choices())}") from None
+    if name != AUTO:
+        for _, parse in FAMILIES.values():
+            found = parse(name)
+            if found is not None:
+                return found
+    forms = "; ".join(syntax for syntax, _ in FAMILIES.values())
+    raise ConfigError(f"unknown calibration dataset {name!r}; known: {', '.join(choices())}; or {forms}")
 
 
 def resolve(requested: str, endpoint: str) -> str:
     """Turn `auto` into a concrete source name, once, before the run, so the cache key is stable."""
     if requested != AUTO:
-        return source(requested).name
+        chosen = source(requested)
+        if chosen.name not in SOURCES and not chosen.available(endpoint):  # a file or Hub dataset named by spec
+            raise ConfigError(f"calibration dataset {requested!r} is not available (missing file or unreachable Hub)")
+        return chosen.name
     for name in auto_order():
         if SOURCES[name].available(endpoint):
             return name

@@ -313,3 +313,48 @@ def test_key_adds_the_upstream_keys_and_the_code_version(
     again.run(STAGE, INPUTS, produce)
     assert produce.calls == 1
     assert again.reports[STAGE].cache_key != report.cache_key
+
+
+def test_a_rejecting_gate_fails_the_stage_but_keeps_its_result(
+    store: StageStore, tracker: Tracker, mlflow_client: Any
+) -> None:
+    """`accept` is checked on fresh and cached records alike; its rejection costs no redo on the next try."""
+    produce = Produce(7)
+
+    def reject(record: ToyRecord) -> ToyRecord:
+        raise RuntimeError(f"gate: value {record.value} is too high")
+
+    runner = _runner(store, tracker, selected={STAGE})
+    with pytest.raises(RuntimeError, match="gate: value 7"):
+        runner.run(STAGE, INPUTS, produce, accept=reject)
+    report = runner.reports[STAGE]
+    assert report.status == "failed" and report.error == "RuntimeError: gate: value 7 is too high"
+    assert report.peak_rss_bytes is not None and report.peak_rss_bytes > 10_000_000  # a Python process with torch
+    failed_run = mlflow_client.get_run(report.mlflow_run_id)
+    assert failed_run.data.metrics["toy/value"] == 7.0  # the rejected numbers are in MLflow
+    assert failed_run.data.metrics[f"stage/{STAGE}/peak_rss_bytes"] == float(report.peak_rss_bytes)
+
+    # Accepted the second time (e.g. an override): the stored result is reused, not produced again.
+    runner = _runner(store, tracker, selected={STAGE})
+    record = runner.run(STAGE, INPUTS, produce, accept=lambda r: r.model_copy(update={"value": r.value + 100}))
+    assert produce.calls == 1
+    assert runner.reports[STAGE].status == "cached"
+    assert record.value == 107  # the annotated record is what later stages get
+
+
+def test_peak_rss_is_the_stage_own_peak(store: StageStore, tracker: Tracker) -> None:
+    def big(stage_work: StageWork) -> ToyRecord:
+        block = bytearray(300 * 2**20)  # 300 MiB, touched
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        del block
+        return Produce(1)(stage_work)
+
+    runner = _runner(store, tracker, selected={STAGE})
+    runner.run(STAGE, INPUTS, big)
+    first = runner.reports[STAGE].peak_rss_bytes
+    runner = _runner(store, tracker, selected={STAGE})
+    runner.run(STAGE, INPUTS, Produce(1))  # cached: reading a record back needs no 300 MiB
+    second = runner.reports[STAGE].peak_rss_bytes
+    assert first is not None and second is not None
+    assert first - second > 250 * 2**20, (first, second)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -22,13 +23,16 @@ def test_the_three_choices_come_from_the_registry() -> None:
     assert calibration.auto_order() == ["cnn_dailymail", "python-docs"]
 
 
-def test_config_schema_offers_the_choices_as_an_enum() -> None:
+def test_config_schema_suggests_the_named_sources() -> None:
     schema = ReleaseConfig.model_json_schema()
     field = schema["$defs"]["QuantizationConfig"]["properties"]["calib_dataset"]
-    assert field["enum"] == list(calibration.choices())  # a dropdown in the Prefect form
+    # Suggestions, not an enum: a file or a Hub dataset spec is free text.
+    assert field["examples"] == list(calibration.choices())
+    assert "enum" not in field
     assert field["default"] == "auto"
     for name in calibration.SOURCES:
         assert name in field["description"]
+    assert "NAME[:CONFIG]:SPLIT:COLUMN" in field["description"] and "file:PATH" in field["description"]
 
 
 def test_config_rejects_an_unknown_source() -> None:
@@ -37,15 +41,14 @@ def test_config_rejects_an_unknown_source() -> None:
     assert QuantizationConfig(calib_dataset="python-docs").calib_dataset == "python-docs"
 
 
-def test_cli_flag_offers_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_flag_takes_names_and_specs() -> None:
     parser = build_parser()
-    assert (
-        config_from_args(parser.parse_args(["run", "--calib-dataset", "cnn_dailymail"])).quantization.calib_dataset
-        == "cnn_dailymail"
-    )
-    with pytest.raises(SystemExit):
-        parser.parse_args(["run", "--calib-dataset", "wikitext"])
-    assert "invalid choice: 'wikitext'" in capsys.readouterr().err
+    for value in ("cnn_dailymail", "abisee/cnn_dailymail:3.0.0:train:article", "file:/data/calib.jsonl"):
+        assert (
+            config_from_args(parser.parse_args(["run", "--calib-dataset", value])).quantization.calib_dataset == value
+        )
+    with pytest.raises(ConfigError, match="unknown calibration dataset 'wikitext'"):
+        config_from_args(parser.parse_args(["run", "--calib-dataset", "wikitext"]))
 
 
 def test_a_registered_source_is_found_and_resolved(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,3 +134,60 @@ def test_explicit_dataset_is_returned_unchanged(monkeypatch: pytest.MonkeyPatch,
     _clear_offline(monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # even offline: an explicit choice is not second-guessed
     assert calibration.resolve(name, f"http://127.0.0.1:{free_port()}") == name
+
+
+# --- sources with arguments: Hub dataset specs and local files ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "parsed"),
+    [
+        ("abisee/cnn_dailymail:3.0.0:train:article", ("abisee/cnn_dailymail", "3.0.0", "train", "article")),
+        ("hf:wikitext:wikitext-2-raw-v1:test:text", ("wikitext", "wikitext-2-raw-v1", "test", "text")),
+        ("org/data:train:text", ("org/data", None, "train", "text")),
+    ],
+)
+def test_hub_dataset_specs_parse(spec: str, parsed: tuple[str, str | None, str, str]) -> None:
+    from quant_release.calibration.hub_dataset import parse_spec
+
+    assert parse_spec(spec) == parsed
+    assert calibration.source(spec).name == spec
+
+
+@pytest.mark.parametrize("spec", ["org/data:train:", "org/data:a:b:c:d", "org/data:train:a/b"])
+def test_malformed_hub_specs_are_config_errors(spec: str) -> None:
+    with pytest.raises(ConfigError, match="NAME\\[:CONFIG\\]:SPLIT:COLUMN"):
+        build_config({"quantization": {"calib_dataset": spec}})
+
+
+def test_a_text_file_is_paragraphs_and_a_jsonl_file_is_lines(tmp_path: Path) -> None:
+    text = tmp_path / "calib.txt"
+    text.write_text("First paragraph,\nstill first.\n\n\nSecond paragraph.\n")
+    assert calibration.source(f"file:{text}").documents(4) == ["First paragraph,\nstill first.", "Second paragraph."]
+    rows = tmp_path / "calib.jsonl"
+    rows.write_text('{"text": "one"}\n\n"two"\n{"text": "  "}\n')
+    assert calibration.source(f"file:{rows}").documents(4) == ["one", "two"]
+    rows.write_text('{"article": "no text field"}\n')
+    with pytest.raises(ConfigError, match="line 1: expected a string or an object with 'text'"):
+        calibration.source(f"file:{rows}").documents(4)
+
+
+def test_a_missing_file_fails_in_preflight_and_an_edited_one_changes_identity(tmp_path: Path) -> None:
+    path = tmp_path / "calib.txt"
+    with pytest.raises(ConfigError, match="is not available"):
+        calibration.resolve(f"file:{path}", "http://unused.example")
+    path.write_text("some text")
+    assert calibration.resolve(f"file:{path}", "http://unused.example") == f"file:{path}"
+    first = calibration.source(f"file:{path}").identity()
+    path.write_text("other text")
+    assert first is not None and calibration.source(f"file:{path}").identity() != first
+    assert calibration.source("python-docs").identity() is None
+
+
+def test_old_option_names_still_work() -> None:
+    old = build_config({"quantization": {"calib_samples": 16, "calib_seq_len": 128, "calib_batch_size": 4}})
+    assert (old.quantization.calib_size, old.quantization.calib_seq, old.quantization.batch_size) == (16, 128, 4)
+    assert old.quantization.calib_samples == 16  # the former attribute, read-only
+    args = build_parser().parse_args(["run", "--calib-samples", "16", "--calib-seq-len", "128", "--batch-size", "0"])
+    config = config_from_args(args).quantization
+    assert (config.calib_size, config.calib_seq, config.batch_size) == (16, 128, 0)

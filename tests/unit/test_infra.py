@@ -38,7 +38,7 @@ INPUT_SUBST = re.compile(r"\$\{\{\s*inputs\.([A-Za-z_][A-Za-z0-9_-]*)\s*\}\}")
 INPUT_FIELDS: dict[str, tuple[str, str]] = {
     "model": ("source", "model"),
     "revision": ("source", "revision"),
-    "calib_samples": ("quantization", "calib_samples"),
+    "calib_samples": ("quantization", "calib_size"),  # the workflow keeps the option's former name
     "mmlu_questions": ("mmlu", "questions_per_subject"),
     "bench_requests": ("benchmark", "num_requests"),
     "device": ("engine", "device"),

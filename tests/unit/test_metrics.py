@@ -69,13 +69,21 @@ def test_family_patterns_match_only_their_shape() -> None:
 
 def test_headline_rows_are_formatted_by_the_vocabulary() -> None:
     rows = {row.label: row for row in metrics.headline_rows(metrics.summary_metrics(_records()))}
-    assert list(rows) == ["MMLU accuracy", "Output tokens/s", "FP8 speedup", "Next-token agreement"]
+    assert list(rows) == [
+        "MMLU accuracy",
+        "Output tokens/s",
+        "FP8 speedup",
+        "Next-token agreement",
+        "Held-out perplexity",
+        "KL(BF16 || FP8), nats/token",
+    ]
+    assert (rows["Held-out perplexity"].bf16, rows["Held-out perplexity"].fp8) == ("33.640", "33.710")
     assert (rows["MMLU accuracy"].bf16, rows["MMLU accuracy"].fp8) == ("33.33%", "32.46%")
     assert (rows["Output tokens/s"].bf16, rows["Output tokens/s"].fp8) == ("1234.6", "2071.0")
     assert (rows["FP8 speedup"].bf16, rows["FP8 speedup"].fp8) == ("", "1.68x")
     assert rows["Next-token agreement"].fp8 == "93.21%"
     empty = metrics.headline_rows(metrics.summary_metrics([]))
-    assert [(r.bf16, r.fp8) for r in empty] == [("-", "-"), ("-", "-"), ("", "-"), ("", "-")]
+    assert [(r.bf16, r.fp8) for r in empty] == [("-", "-"), ("-", "-"), ("", "-"), ("", "-"), ("-", "-"), ("", "-")]
     assert not any(row.measured for row in empty)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from quant_release.records import (
     CalibrationInfo,
     EngineHandle,
     Engines,
+    FidelityGate,
+    FidelityReport,
     MmluResult,
     MmluScores,
     ModelSource,
@@ -65,6 +68,23 @@ def _checkpoint() -> QuantizedCheckpoint:
             FileDigest(path="hf_quant_config.json", size=300, sha256="f" * 64),
         ],
         fingerprint="9" * 64,
+        fidelity=FidelityReport(
+            text="python-docs held-out topics",
+            tokens=1024,
+            fingerprint="8" * 64,
+            reference="fp32 (transformers, the source checkpoint)",
+            fp8_gemm="emulated",
+            ppl_fp32=33.55,
+            ppl_bf16=33.64,
+            ppl_fp8=33.71,
+            kl_fp32_bf16=0.0011,
+            kl_fp32_fp8=0.036,
+            kl_bf16_fp8=0.034,
+            top1_bf16_vs_fp32=0.972,
+            top1_fp8_vs_fp32=0.904,
+            top1_fp8_vs_bf16=0.889,
+        ),
+        gate=FidelityGate(max_ppl_increase=0.02, ppl_increase=33.71 / 33.64 - 1, passed=True, overridden=False),
     )
 
 
@@ -403,3 +423,20 @@ def test_parse_front_matter_reads_a_mapping() -> None:
         "license": "mit",
         "tags": ["a"],
     }
+
+
+def test_card_has_a_fidelity_section_with_the_gate() -> None:
+    card = modelcard.render(_inputs())
+    section = card.split("## Fidelity")[1].split("## Evaluation")[0]
+    assert "| Perplexity | 33.550 | 33.640 | 33.710 |" in section
+    assert "| KL from fp32 (nats/token) | | 0.0011 | 0.0360 |" in section
+    assert "| Top-1 agreement with BF16 | | | 88.90% |" in section
+    assert "+0.21%, **passed**" in section
+    overridden = _checkpoint().model_copy(
+        update={"gate": FidelityGate(max_ppl_increase=0.001, ppl_increase=0.0021, passed=False, overridden=True)}
+    )
+    card = modelcard.render(dataclasses.replace(_inputs(), checkpoint=overridden))
+    assert "failed, and accepted by an explicit override (`--override-fidelity-gate`)" in card
+    unmeasured = _checkpoint().model_copy(update={"fidelity": None, "gate": None})
+    card = modelcard.render(dataclasses.replace(_inputs(), checkpoint=unmeasured))
+    assert "Not measured in this run (`--fidelity-tokens 0`)." in card

@@ -164,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common_options(show)
     show.add_argument("--schema", action="store_true", help="print the JSON schema instead")
+    compare = commands.add_parser(
+        "compare",
+        help="print two runs side by side from MLflow: params that differ, metrics with their change",
+        description="Read two release runs back from MLflow (MLFLOW_TRACKING_URI, default the state dir's "
+        "store) and print the params that differ and every metric with B - A and B / A.",
+        epilog=ENVIRONMENT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare.add_argument("run_a", metavar="RUN_A", help="MLflow run id or quant-release run id")
+    compare.add_argument("run_b", metavar="RUN_B", help="MLflow run id or quant-release run id")
+    compare.add_argument("--state-dir", type=Path, metavar="DIR", help="where the local MLflow store is")
     return parser
 
 
@@ -210,6 +221,8 @@ def _fail(message: str, code: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        return _compare(args)
     try:
         config = config_from_args(args)
     except ConfigError as exc:
@@ -226,6 +239,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config.model_copy(update={"stages": [args.command]})
     _prepare_environment(args)
     return _run(config, args)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from flows.compare import compare
+    from quant_release.config import Settings
+
+    if args.state_dir:
+        os.environ["QUANT_RELEASE_STATE_DIR"] = str(args.state_dir)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    try:
+        print(compare(Settings().resolved_tracking_uri(), args.run_a, args.run_b))
+    except QuantReleaseError as exc:
+        return _fail(error_message(exc), exc.exit_code)
+    return 0
 
 
 def prefect_api_url() -> str | None:

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
-from quant_release import calibration, mmlu_report
+from quant_release import calibration, mmlu_report, provenance
 from quant_release import mmlu as mmlu_data
 from quant_release.atomic import write_text_atomic
 from quant_release.config import ReleaseConfig, Settings
@@ -99,13 +99,15 @@ def run_release(config: ReleaseConfig, settings: Settings, run_id: str, progress
         config.engine.kind = pre.engine
     tracker = Tracker(pre.tracking_uri, config.tracking.experiment, artifact_location=_local_artifacts(settings, pre))
     parent_id = tracker.start(
-        run_name=config.tracking.run_name or run_id,
+        run_name=provenance.run_name(config, run_id),
         params=config.model_dump(mode="json", exclude={"stages", "rerun"}),
         tags={
             "quant_release.run_id": run_id,
             "source": config.source.model,
             "device": pre.device,
             **{f"version.{k}": v for k, v in versions.items()},
+            **provenance.default_tags("flows/release.py:release" if in_flow_run() else None),
+            **_prefect_tags(),
         },
     )
     runner = StageRunner(
@@ -221,6 +223,7 @@ def _finish(
         _prefect_artifact(summary)
         if mmlu_result is not None:
             _prefect_mmlu_table(mmlu_result)
+        _prefect_links(summary, tracker, runner)
     finally:
         tracker.finish("FAILED" if error else "FINISHED")
 
@@ -259,3 +262,33 @@ def _prefect_artifact(summary: RunSummary) -> None:
         key="release-summary",
         description=f"quant-release run {summary.run_id}",
     )
+
+
+def _prefect_tags() -> dict[str, str]:
+    """The flow run's id and URL on the MLflow run, so each leads to the other (links: `_prefect_links`)."""
+    if not in_flow_run():
+        return {}
+    from quant_release.prefect_ui import flow_run_tags
+
+    return flow_run_tags()
+
+
+def _prefect_links(summary: RunSummary, tracker: Tracker, runner: StageRunner) -> None:
+    """The throughput table and links to the MLflow run, the stored release and the Hub commit, in Prefect."""
+    if not in_flow_run():
+        return
+    from quant_release import prefect_ui
+    from quant_release.records import ThroughputResult
+
+    parent = tracker.parent_run_id
+    targets = prefect_ui.links(
+        mlflow_url=prefect_ui.mlflow_run_url(tracker.tracking_uri, tracker.experiment_id, parent) if parent else None,
+        artifact_uri=summary.artifacts.get("artifact_uri"),
+        hub_url=summary.hub.get("url"),
+        hub_revision=summary.hub.get("revision"),
+    )
+    throughput = None
+    report = summary.stages.get("benchmark")
+    if report and report.status in ("completed", "cached") and report.cache_key:
+        throughput = runner.store.load("benchmark", report.cache_key, ThroughputResult)
+    prefect_ui.publish_artifacts(throughput, targets, summary.run_id)

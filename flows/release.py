@@ -2,29 +2,42 @@
 
 Its body is `flows.pipeline.run_release`, where each stage becomes a Prefect task run. The CLI runs this
 flow when a Prefect server is configured (PREFECT_API_URL), and the same body directly otherwise.
+
+The flow sets no `flow_run_name`: Prefect would apply it to every run, renaming a run that was given a name
+in the UI or by `prefect deployment run --flow-run-name`. The CLI names its flow runs itself (the run id).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from prefect import flow
 
 from flows.pipeline import new_run_id, run_release
 from quant_release.config import ReleaseConfig, Settings
+from quant_release.prefect_ui import run_log_sink
 from quant_release.progress import Progress
 
-
-def _current_run_id() -> str:
-    from prefect.runtime import flow_run
-
-    name = flow_run.get_name()
-    return name if name else new_run_id()
+# What new_run_id makes: the CLI names the flow run after the run id it reads the summary back by.
+RUN_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
 
 
-@flow(name="quant-release", flow_run_name=new_run_id, validate_parameters=True, log_prints=False)
+def run_id_for(flow_run_name: str | None) -> str:
+    """The run id (state and artifact paths) for a flow run: its name when the CLI chose it, else a new one.
+
+    A name typed in the UI ("nightly retry, new calib") or made up by Prefect ("crafty-owl") is no safe or
+    unique path component; it stays the flow run's name, and MLflow records it beside the run id.
+    """
+    return flow_run_name if flow_run_name and RUN_ID.match(flow_run_name) else new_run_id()
+
+
+@flow(name="quant-release", validate_parameters=True, log_prints=False)
 def release(config: ReleaseConfig = ReleaseConfig()) -> dict[str, Any]:  # noqa: B008 - Prefect reads the default
     """Quantize a Hugging Face LLM to FP8, evaluate and benchmark it against BF16, and publish it."""
+    from prefect.runtime import flow_run
+
     settings = Settings()
-    summary = run_release(config, settings, _current_run_id(), Progress(enabled=settings.progress))
+    progress = Progress(enabled=settings.progress, sink=run_log_sink())
+    summary = run_release(config, settings, run_id_for(flow_run.get_name()), progress)
     return summary.model_dump(mode="json")

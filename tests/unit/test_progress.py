@@ -165,3 +165,24 @@ def test_disabled_prints_nothing(clock: FakeClock, stream_type: type[io.StringIO
         clock.advance(10)
     progress.stage_finished("download", "completed", 3.0)
     assert stream.getvalue() == ""
+
+
+def test_sink_gets_log_paced_lines_even_on_a_terminal_and_when_quiet(clock: FakeClock) -> None:
+    """The sink (Prefect's run log inside a flow run) gets what a log file would: not every redraw of a
+    terminal, and the lines still when the terminal output is switched off with -q."""
+    lines: list[str] = []
+    stream = TtyStream()
+    progress = Progress(stream=stream, interval=5.0, enabled=False, sink=lines.append)
+    progress.stage_started("evaluate")
+    for done in range(1, 11):
+        clock.advance(1.0)
+        progress.step("evaluate", "questions", done, 10)
+    progress.stage_finished("evaluate", "completed", 10.0)
+    assert stream.getvalue() == ""
+    assert lines == [
+        "[evaluate] started",
+        "[evaluate] questions 1/10  10.0%",  # the step starts here: no pace yet
+        "[evaluate] questions 6/10  60.0%  ETA 0:00:03",  # 6 done in the 5 s since the first call, 4 left
+        "[evaluate] questions 10/10 100.0%",
+        "[evaluate] completed in 0:00:10",
+    ]

@@ -101,13 +101,29 @@ def _add_option(group: argparse._ArgumentGroup, path: tuple[str, ...], field: Fi
     group.add_argument(flag, **kwargs)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (`--stages quantise` names the valid choices); `--help` shows the usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _nonempty_path(value: str) -> Path:
+    # Path("") is ".": an empty --state-dir would silently write into the current directory.
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return Path(value)
+
+
 def _common_options(parser: argparse.ArgumentParser) -> None:
     general = parser.add_argument_group("general")
     general.add_argument("--config", type=Path, metavar="FILE", help="YAML file with any of the options below")
-    general.add_argument("--summary-json", type=Path, metavar="PATH", help="write the run summary here")
+    general.add_argument(
+        "--summary-json", type=_nonempty_path, metavar="PATH", help="write the run summary here (checked first)"
+    )
     general.add_argument(
         "--state-dir",
-        type=Path,
+        type=_nonempty_path,
         metavar="DIR",
         help="stage results and local stores (env QUANT_RELEASE_STATE_DIR; default .quant-release)",
     )
@@ -126,7 +142,7 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Turn a Hugging Face LLM into a published FP8 release: one tracked, resumable run.",
         epilog=ENVIRONMENT_HELP,
@@ -220,6 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command in STAGES:
         config = config.model_copy(update={"stages": [args.command]})
+    if args.summary_json:
+        from quant_release.checks import check_writable_file
+
+        try:
+            # Written after the run: a path it cannot write must fail now, not after hours of work.
+            check_writable_file(args.summary_json, "--summary-json")
+        except ConfigError as exc:
+            return _fail(str(exc), exc.exit_code)
     _prepare_environment(args)
     return _run(config, args)
 
@@ -233,7 +257,7 @@ def _run(config: ReleaseConfig, args: argparse.Namespace) -> int:
     import logging
     import warnings
 
-    from quant_release.config import Settings
+    from quant_release.config import load_settings
     from quant_release.progress import Progress
 
     if not args.verbose:
@@ -242,7 +266,10 @@ def _run(config: ReleaseConfig, args: argparse.Namespace) -> int:
             logging.getLogger(name).setLevel(logging.ERROR)
     from flows.pipeline import new_run_id, run_dir, run_release
 
-    settings = Settings()
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        return _fail(str(exc), exc.exit_code)
     run_id = new_run_id()
     code = 0
     try:

@@ -23,6 +23,7 @@ from typing import TypeVar
 from quant_release import calibration
 from quant_release import mmlu as mmlu_data
 from quant_release.atomic import write_text_atomic
+from quant_release.checks import check_fp8_gemm, check_options, check_state_dir
 from quant_release.config import ReleaseConfig, Settings
 from quant_release.engines import check_available
 from quant_release.environment import package_versions, resolved_device
@@ -35,6 +36,7 @@ from quant_release.state import StageStore
 from quant_release.storage import ArtifactStore, open_store
 from quant_release.summary import RunSummary, build_summary, summary_table
 from quant_release.tracking import Tracker, check_tracking_uri
+from quant_release.upstream import check_upstream, probe_runner
 from tasks.download import check_source
 from tasks.publish import check_publish
 
@@ -54,14 +56,18 @@ def new_run_id() -> str:
 def preflight(config: ReleaseConfig, settings: Settings, progress: Progress) -> Preflight:
     """Every check that is cheap and could otherwise fail the run late. Raises ConfigError."""
     needed = needed_stages(config)
+    check_state_dir(settings)
     tracking_uri = settings.resolved_tracking_uri()
     check_tracking_uri(tracking_uri)
     store = open_store(settings.resolved_artifact_uri())
     store.check_access()
     checked = check_source(config.source, settings)
+    for warning in check_options(config, checked):
+        print(f"quant-release: warning: {warning}", file=sys.stderr)
     device = resolved_device(config.engine.device)
     if any(spec.uses_engine for spec in STAGE_TABLE if spec.name in needed):
         check_available(config.engine.kind, device)
+        check_fp8_gemm(config, device)
     dataset = None
     if "evaluate" in needed:
         dataset = mmlu_data.load_mmlu(config.mmlu.data)
@@ -89,6 +95,13 @@ def run_release(config: ReleaseConfig, settings: Settings, run_id: str, progress
     versions = package_versions()
     summary_path = run_dir(settings, run_id) / "summary.json"
     pre = preflight(config, settings, progress)
+    if needed_stages(config) - set(config.stages):
+        # Decided before the MLflow run and the summary exist: a missing upstream leaves nothing behind.
+        probe = probe_runner(StageStore(settings.state_dir), set(config.stages), set(config.rerun), config.engine.kind)
+        check_upstream(
+            RunContext(config=config, settings=settings, run_id=run_id, versions=versions, preflight=pre, runner=probe),
+            TASKS,
+        )
     tracker = Tracker(pre.tracking_uri, config.tracking.experiment, artifact_location=_local_artifacts(settings, pre))
     parent_id = tracker.start(
         run_name=config.tracking.run_name or run_id,

@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow
 
 from flows.pipeline import new_run_id, run_release
-from quant_release.config import ReleaseConfig, Settings
+from quant_release.config import ReleaseConfig, load_settings
 from quant_release.progress import Progress
 
 
@@ -25,6 +25,6 @@ def _current_run_id() -> str:
 @flow(name="quant-release", flow_run_name=new_run_id, validate_parameters=True, log_prints=False)
 def release(config: ReleaseConfig = ReleaseConfig()) -> dict[str, Any]:  # noqa: B008 - Prefect reads the default
     """Quantize a Hugging Face LLM to FP8, evaluate and benchmark it against BF16, and publish it."""
-    settings = Settings()
+    settings = load_settings()
     summary = run_release(config, settings, _current_run_id(), Progress(enabled=settings.progress))
     return summary.model_dump(mode="json")

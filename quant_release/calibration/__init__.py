@@ -74,7 +74,14 @@ def source(name: str) -> CalibrationSource:
 def resolve(requested: str, endpoint: str) -> str:
     """Turn `auto` into a concrete source name, once, before the run, so the cache key is stable."""
     if requested != AUTO:
-        return source(requested).name
+        chosen = source(requested)
+        # Asked for by name: a source that cannot be reached now fails here, not after the download.
+        if not chosen.available(endpoint):
+            raise ConfigError(
+                f"--calib-dataset {chosen.name}: not available now ({chosen.description}; Hub {endpoint}); "
+                f"choose another with --calib-dataset ({', '.join(choices())})"
+            )
+        return chosen.name
     for name in auto_order():
         if SOURCES[name].available(endpoint):
             return name

@@ -270,6 +270,9 @@ def _run(config: ReleaseConfig, args: argparse.Namespace) -> int:
         settings = load_settings()
     except ConfigError as exc:
         return _fail(str(exc), exc.exit_code)
+    from quant_release import netlimits
+
+    netlimits.install(settings)  # time limits and retries on every network client
     run_id = new_run_id()
     code = 0
     try:

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
-from quant_release import calibration
+from quant_release import calibration, netlimits
 from quant_release import mmlu as mmlu_data
 from quant_release.atomic import write_text_atomic
 from quant_release.checks import check_fp8_gemm, check_options, check_state_dir
@@ -58,7 +58,7 @@ def preflight(config: ReleaseConfig, settings: Settings, progress: Progress) -> 
     needed = needed_stages(config)
     check_state_dir(settings)
     tracking_uri = settings.resolved_tracking_uri()
-    check_tracking_uri(tracking_uri)
+    check_tracking_uri(tracking_uri, timeout=netlimits.current().connect_timeout)  # a health probe: quick
     store = open_store(settings.resolved_artifact_uri())
     store.check_access()
     checked = check_source(config.source, settings)

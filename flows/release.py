@@ -11,6 +11,7 @@ from typing import Any
 from prefect import flow
 
 from flows.pipeline import new_run_id, run_release
+from quant_release import netlimits
 from quant_release.config import ReleaseConfig, load_settings
 from quant_release.progress import Progress
 
@@ -26,5 +27,6 @@ def _current_run_id() -> str:
 def release(config: ReleaseConfig = ReleaseConfig()) -> dict[str, Any]:  # noqa: B008 - Prefect reads the default
     """Quantize a Hugging Face LLM to FP8, evaluate and benchmark it against BF16, and publish it."""
     settings = load_settings()
+    netlimits.install(settings)  # time limits and retries on every network client
     summary = run_release(config, settings, _current_run_id(), Progress(enabled=settings.progress))
     return summary.model_dump(mode="json")

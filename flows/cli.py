@@ -273,6 +273,9 @@ def _run(config: ReleaseConfig, args: argparse.Namespace) -> int:
     from quant_release import netlimits
 
     netlimits.install(settings)  # time limits and retries on every network client
+    from quant_release import signals
+
+    signals.install()  # SIGINT/SIGTERM unwind the run: MLflow runs KILLED, summary written
     run_id = new_run_id()
     code = 0
     try:
@@ -286,6 +289,9 @@ def _run(config: ReleaseConfig, args: argparse.Namespace) -> int:
             else:
                 # No Prefect server: the flow's body as a plain function; prefect is not even imported.
                 run_release(config, settings, run_id, Progress(enabled=settings.progress))
+    except (signals.Interrupted, KeyboardInterrupt) as exc:
+        interrupted = exc if isinstance(exc, signals.Interrupted) else signals.Interrupted(2)
+        code = _fail(f"{interrupted}; MLflow runs ended as KILLED, finished stages are kept", interrupted.exit_code)
     except QuantReleaseError as exc:
         code = _fail(error_message(exc), exc.exit_code)
     except Exception as exc:  # a stage failed; the summary and MLflow hold the details

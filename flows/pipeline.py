@@ -27,14 +27,16 @@ from quant_release.checks import check_fp8_gemm, check_options, check_state_dir
 from quant_release.config import ReleaseConfig, Settings
 from quant_release.engines import check_available
 from quant_release.environment import package_versions, resolved_device
-from quant_release.errors import redact
+from quant_release.errors import error_message, redact
 from quant_release.progress import Progress
 from quant_release.records import Record, StageReport
+from quant_release.signals import is_interrupt
 from quant_release.stage import Preflight, RunContext, StageRunner, StageTask
 from quant_release.stages import STAGE_TABLE, STAGES, StageName, enabled, needed_stages
 from quant_release.state import StageStore
 from quant_release.storage import ArtifactStore, open_store
 from quant_release.summary import RunSummary, build_summary, summary_table
+from quant_release.sweep import close_dead_runs, owner_tags, sweep_partials
 from quant_release.tracking import Tracker, check_tracking_uri
 from quant_release.upstream import check_upstream, probe_runner
 from tasks.download import check_source
@@ -102,6 +104,7 @@ def run_release(config: ReleaseConfig, settings: Settings, run_id: str, progress
             RunContext(config=config, settings=settings, run_id=run_id, versions=versions, preflight=pre, runner=probe),
             TASKS,
         )
+    sweep_partials(settings.state_dir)  # work dirs of runs killed before they could clean up
     tracker = Tracker(pre.tracking_uri, config.tracking.experiment, artifact_location=_local_artifacts(settings, pre))
     parent_id = tracker.start(
         run_name=config.tracking.run_name or run_id,
@@ -110,9 +113,15 @@ def run_release(config: ReleaseConfig, settings: Settings, run_id: str, progress
             "quant_release.run_id": run_id,
             "source": config.source.model,
             "device": pre.device,
+            **owner_tags(),  # lets a later run prove this one dead after a SIGKILL (quant_release/sweep.py)
             **{f"version.{k}": v for k, v in versions.items()},
         },
     )
+    try:
+        for dead in close_dead_runs(tracker):
+            progress.note("preflight", f"closed MLflow run {dead} as KILLED: its process is gone")
+    except Exception as exc:  # housekeeping must not stop a run
+        progress.note("preflight", f"could not check for dead MLflow runs: {error_message(exc)}")
     runner = StageRunner(
         store=StageStore(settings.state_dir),
         tracker=tracker,
@@ -222,7 +231,7 @@ def _finish(
                 tracker.log_artifact(parent, Path(path))
         _prefect_artifact(summary)
     finally:
-        tracker.finish("FAILED" if error else "FINISHED")
+        tracker.finish("KILLED" if is_interrupt(error) else "FAILED" if error else "FINISHED")
 
 
 def _prefect_artifact(summary: RunSummary) -> None:

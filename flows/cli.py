@@ -34,6 +34,11 @@ ENVIRONMENT_HELP = """environment:
   HF_TOKEN, HF_ENDPOINT       Hub token and endpoint (for Hub sources and --push-to-hub)
   HF_HUB_DISABLE_XET=1        upload through LFS, for Hub servers without Xet storage
   PREFECT_API_URL             a Prefect server; unset: runs directly, without Prefect
+  QUANT_RELEASE_NET_CONNECT_TIMEOUT, QUANT_RELEASE_NET_READ_TIMEOUT, QUANT_RELEASE_NET_RETRIES
+                              time limits (s) and retries of Hub, S3 and MLflow calls (default 10, 60, 3)
+
+exit codes: 0 success, 1 a stage failed, 2 bad input, 3 upstream stage missing, 4 engine cannot run here,
+  130/143 interrupted by SIGINT/SIGTERM (MLflow runs KILLED, summary written)
 """
 EXIT_STAGE_FAILED = 1
 

@@ -34,6 +34,11 @@ ENVIRONMENT_HELP = """environment:
   HF_TOKEN, HF_ENDPOINT       Hub token and endpoint (for Hub sources and --push-to-hub)
   HF_HUB_DISABLE_XET=1        upload through LFS, for Hub servers without Xet storage
   PREFECT_API_URL             a Prefect server; unset: runs directly, without Prefect
+  QUANT_RELEASE_NET_CONNECT_TIMEOUT, QUANT_RELEASE_NET_READ_TIMEOUT, QUANT_RELEASE_NET_RETRIES
+                              time limits (s) and retries of Hub, S3 and MLflow calls (default 10, 60, 3)
+
+exit codes: 0 success, 1 a stage failed, 2 bad input, 3 upstream stage missing, 4 engine cannot run here,
+  130/143 interrupted by SIGINT/SIGTERM (MLflow runs KILLED, summary written)
 """
 EXIT_STAGE_FAILED = 1
 
@@ -105,13 +110,29 @@ def _add_option(group: argparse._ArgumentGroup, path: tuple[str, ...], field: Fi
     group.add_argument(*flags, **kwargs)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (`--stages quantise` names the valid choices); `--help` shows the usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _nonempty_path(value: str) -> Path:
+    # Path("") is ".": an empty --state-dir would silently write into the current directory.
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return Path(value)
+
+
 def _common_options(parser: argparse.ArgumentParser) -> None:
     general = parser.add_argument_group("general")
     general.add_argument("--config", type=Path, metavar="FILE", help="YAML file with any of the options below")
-    general.add_argument("--summary-json", type=Path, metavar="PATH", help="write the run summary here")
+    general.add_argument(
+        "--summary-json", type=_nonempty_path, metavar="PATH", help="write the run summary here (checked first)"
+    )
     general.add_argument(
         "--state-dir",
-        type=Path,
+        type=_nonempty_path,
         metavar="DIR",
         help="stage results and local stores (env QUANT_RELEASE_STATE_DIR; default .quant-release)",
     )
@@ -130,7 +151,7 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Turn a Hugging Face LLM into a published FP8 release: one tracked, resumable run.",
         epilog=ENVIRONMENT_HELP,
@@ -237,6 +258,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command in STAGES:
         config = config.model_copy(update={"stages": [args.command]})
+    if args.summary_json:
+        from quant_release.checks import check_writable_file
+
+        try:
+            # Written after the run: a path it cannot write must fail now, not after hours of work.
+            check_writable_file(args.summary_json, "--summary-json")
+        except ConfigError as exc:
+            return _fail(str(exc), exc.exit_code)
     _prepare_environment(args)
     return _run(config, args)
 
@@ -264,7 +293,7 @@ def _run(config: ReleaseConfig, args: argparse.Namespace) -> int:
     import logging
     import warnings
 
-    from quant_release.config import Settings
+    from quant_release.config import load_settings
     from quant_release.progress import Progress
 
     if not args.verbose:
@@ -273,7 +302,16 @@ def _run(config: ReleaseConfig, args: argparse.Namespace) -> int:
             logging.getLogger(name).setLevel(logging.ERROR)
     from flows.pipeline import new_run_id, run_dir, run_release
 
-    settings = Settings()
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        return _fail(str(exc), exc.exit_code)
+    from quant_release import netlimits
+
+    netlimits.install(settings)  # time limits and retries on every network client
+    from quant_release import signals
+
+    signals.install()  # SIGINT/SIGTERM unwind the run: MLflow runs KILLED, summary written
     run_id = new_run_id()
     code = 0
     try:
@@ -287,6 +325,9 @@ def _run(config: ReleaseConfig, args: argparse.Namespace) -> int:
             else:
                 # No Prefect server: the flow's body as a plain function; prefect is not even imported.
                 run_release(config, settings, run_id, Progress(enabled=settings.progress))
+    except (signals.Interrupted, KeyboardInterrupt) as exc:
+        interrupted = exc if isinstance(exc, signals.Interrupted) else signals.Interrupted(2)
+        code = _fail(f"{interrupted}; MLflow runs ended as KILLED, finished stages are kept", interrupted.exit_code)
     except QuantReleaseError as exc:
         code = _fail(error_message(exc), exc.exit_code)
     except Exception as exc:  # a stage failed; the summary and MLflow hold the details

@@ -20,21 +20,25 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
-from quant_release import calibration, mmlu_report, provenance
+from quant_release import calibration, mmlu_report, netlimits, provenance
 from quant_release import mmlu as mmlu_data
 from quant_release.atomic import write_text_atomic
+from quant_release.checks import check_fp8_gemm, check_options, check_state_dir
 from quant_release.config import ReleaseConfig, Settings
 from quant_release.engines import check_available, resolve_engine
 from quant_release.environment import package_versions, resolved_device
-from quant_release.errors import redact
+from quant_release.errors import error_message, redact
 from quant_release.progress import Progress
 from quant_release.records import MmluResult, Record, StageReport
+from quant_release.signals import is_interrupt
 from quant_release.stage import Preflight, RunContext, StageRunner, StageTask
 from quant_release.stages import STAGE_TABLE, STAGES, StageName, enabled, needed_stages
 from quant_release.state import StageStore
 from quant_release.storage import ArtifactStore, open_store
 from quant_release.summary import RunSummary, build_summary, summary_table
+from quant_release.sweep import close_dead_runs, owner_tags, sweep_partials
 from quant_release.tracking import Tracker, check_tracking_uri
+from quant_release.upstream import check_upstream, probe_runner
 from tasks.download import check_source
 from tasks.publish import check_publish
 
@@ -54,15 +58,19 @@ def new_run_id() -> str:
 def preflight(config: ReleaseConfig, settings: Settings, progress: Progress) -> Preflight:
     """Every check that is cheap and could otherwise fail the run late. Raises ConfigError."""
     needed = needed_stages(config)
+    check_state_dir(settings)
     tracking_uri = settings.resolved_tracking_uri()
-    check_tracking_uri(tracking_uri)
+    check_tracking_uri(tracking_uri, timeout=netlimits.current().connect_timeout)  # a health probe: quick
     store = open_store(settings.resolved_artifact_uri())
     store.check_access()
     checked = check_source(config.source, settings)
+    for warning in check_options(config, checked):
+        print(f"quant-release: warning: {warning}", file=sys.stderr)
     device = resolved_device(config.engine.device)
     engine = resolve_engine(config.engine.kind, device)
     if any(spec.uses_engine for spec in STAGE_TABLE if spec.name in needed):
         check_available(engine, device)
+        check_fp8_gemm(config, device)
     dataset = None
     if "evaluate" in needed:
         dataset = mmlu_data.load_mmlu(config.mmlu.data)
@@ -97,6 +105,14 @@ def run_release(config: ReleaseConfig, settings: Settings, run_id: str, progress
         # `--engine auto`: the run records, keys and runs the engine it resolved to.
         config = config.model_copy(deep=True)
         config.engine.kind = pre.engine
+    if needed_stages(config) - set(config.stages):
+        # Decided before the MLflow run and the summary exist: a missing upstream leaves nothing behind.
+        probe = probe_runner(StageStore(settings.state_dir), set(config.stages), set(config.rerun), config.engine.kind)
+        check_upstream(
+            RunContext(config=config, settings=settings, run_id=run_id, versions=versions, preflight=pre, runner=probe),
+            TASKS,
+        )
+    sweep_partials(settings.state_dir)  # work dirs of runs killed before they could clean up
     tracker = Tracker(pre.tracking_uri, config.tracking.experiment, artifact_location=_local_artifacts(settings, pre))
     parent_id = tracker.start(
         run_name=provenance.run_name(config, run_id),
@@ -105,11 +121,17 @@ def run_release(config: ReleaseConfig, settings: Settings, run_id: str, progress
             "quant_release.run_id": run_id,
             "source": config.source.model,
             "device": pre.device,
+            **owner_tags(),  # lets a later run prove this one dead after a SIGKILL (quant_release/sweep.py)
             **{f"version.{k}": v for k, v in versions.items()},
             **provenance.default_tags("flows/release.py:release" if in_flow_run() else None),
             **_prefect_tags(),
         },
     )
+    try:
+        for dead in close_dead_runs(tracker):
+            progress.note("preflight", f"closed MLflow run {dead} as KILLED: its process is gone")
+    except Exception as exc:  # housekeeping must not stop a run
+        progress.note("preflight", f"could not check for dead MLflow runs: {error_message(exc)}")
     runner = StageRunner(
         store=StageStore(settings.state_dir),
         tracker=tracker,
@@ -225,7 +247,7 @@ def _finish(
             _prefect_mmlu_table(mmlu_result)
         _prefect_links(summary, tracker, runner)
     finally:
-        tracker.finish("FAILED" if error else "FINISHED")
+        tracker.finish("KILLED" if is_interrupt(error) else "FAILED" if error else "FINISHED")
 
 
 def _log_mmlu(tracker: Tracker, parent: str, result: MmluResult, summary: RunSummary) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 from prefect import flow
 
 from flows.pipeline import new_run_id, run_release
-from quant_release.config import ReleaseConfig, Settings
+from quant_release import netlimits
+from quant_release.config import ReleaseConfig, load_settings
 from quant_release.prefect_ui import run_log_sink
 from quant_release.progress import Progress
 
@@ -37,7 +38,8 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> dict[str, Any]:  # noqa:
     """Quantize a Hugging Face LLM to FP8, evaluate and benchmark it against BF16, and publish it."""
     from prefect.runtime import flow_run
 
-    settings = Settings()
+    settings = load_settings()
+    netlimits.install(settings)  # time limits and retries on every network client
     progress = Progress(enabled=settings.progress, sink=run_log_sink())
     summary = run_release(config, settings, run_id_for(flow_run.get_name()), progress)
     return summary.model_dump(mode="json")

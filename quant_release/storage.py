@@ -216,17 +216,11 @@ class S3Store(ArtifactStore):
         # Created on first use and handed to children: one connection pool per store tree.
         if self._client is None:
             import boto3
-            from botocore.config import Config
 
-            self._client = boto3.session.Session().client(
-                "s3",
-                config=Config(
-                    retries={"mode": "standard", "max_attempts": 4},
-                    connect_timeout=10,
-                    read_timeout=120,
-                    max_pool_connections=MAX_CONCURRENCY * 2,
-                ),
-            )
+            from quant_release.netlimits import s3_config
+
+            # Time limits and retries from the settings (quant_release/netlimits.py).
+            self._client = boto3.session.Session().client("s3", config=s3_config(MAX_CONCURRENCY * 2))
         return self._client
 
     @property

@@ -91,7 +91,9 @@ class Tracker:
         """A nested run for one stage; FAILED (with the error as a tag) if the body raises."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-        all_tags = {"stage": name, **(tags or {})}
+        from quant_release.sweep import owner_tags
+
+        all_tags = {"stage": name, **owner_tags(), **(tags or {})}
         if self.parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=_redacted(all_tags))
@@ -99,8 +101,10 @@ class Tracker:
         try:
             yield run_id
         except BaseException as exc:
-            self.set_tags(run_id, {"error": str(exc)})
-            self.client.set_terminated(run_id, status="FAILED")
+            from quant_release.signals import is_interrupt
+
+            self.set_tags(run_id, {"error": str(exc) or type(exc).__name__})
+            self.client.set_terminated(run_id, status="KILLED" if is_interrupt(exc) else "FAILED")
             raise
         self.client.set_terminated(run_id, status="FINISHED")
 

@@ -73,6 +73,7 @@ GGUF_KEYS = (
     "general.base_model.0.repo_url",
     "general.base_model.0.organization",
     "general.base_model.0.name",
+    "llama.context_length",
 )
 # GGUF value types (ggml's gguf.h): fixed sizes for scalars, then STRING = 8, ARRAY = 9.
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -139,6 +140,23 @@ def _read_gguf_keys(handle: BinaryIO, wanted: set[str]) -> dict[str, Any]:
     return found
 
 
+def read_model_config(config_file: Path, where: str) -> dict[str, Any]:
+    """A checkpoint's config.json as a mapping; anything else is bad input (one line, exit 2)."""
+    try:
+        data = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: cannot read config.json: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: config.json is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: config.json must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def _context_length(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _check_architecture(config: dict[str, Any], where: str) -> None:
     architectures = set(config.get("architectures") or [])
     if not architectures & SUPPORTED_ARCHITECTURES:
@@ -182,6 +200,7 @@ def check_source(config: SourceConfig, settings: Settings) -> CheckedSource:
             base_model=_repo_from_url(base) if isinstance(base, str) else None,
             # "SmolLM2-135M-Instruct.Q4_1.gguf" → "SmolLM2-135M-Instruct"; general.name is often a training tag.
             name=path.name.split(".")[0] or str(meta.get("general.name")),
+            context_length=_context_length(meta.get("llama.context_length")),
         )
     if kind == "local":
         path = Path(config.model).expanduser().resolve()
@@ -190,7 +209,7 @@ def check_source(config: SourceConfig, settings: Settings) -> CheckedSource:
         config_file = path / "config.json"
         if not config_file.is_file():
             raise ConfigError(f"{path} has no config.json; is it a Hugging Face checkpoint?")
-        model_config = json.loads(config_file.read_text())
+        model_config = read_model_config(config_file, str(path))
         _check_architecture(model_config, str(path))
         if not any(path.glob("*.safetensors")):
             raise ConfigError(f"{path} holds no .safetensors weights")
@@ -204,6 +223,7 @@ def check_source(config: SourceConfig, settings: Settings) -> CheckedSource:
             license=None,
             base_model=None,
             name=path.name,
+            context_length=_context_length(model_config.get("max_position_embeddings")),
         )
     return _check_hub(config, settings)
 
@@ -242,7 +262,7 @@ def _check_hub(config: SourceConfig, settings: Settings) -> CheckedSource:
         raise ConfigError(f"Hub repo {repo_id}: {str(exc).splitlines()[0]}") from None
     except (OSError, httpx.TransportError) as exc:  # refused, DNS, timeout: the endpoint is not reachable
         raise ConfigError(f"cannot reach {settings.hf_endpoint} for {repo_id}: {exc}") from None
-    model_config = json.loads(Path(config_path).read_text())
+    model_config = read_model_config(Path(config_path), f"{repo_id}@{config.revision}")
     _check_architecture(model_config, f"{repo_id}@{config.revision}")
     names = {s.rfilename for s in info.siblings or []}
     if not any(n.endswith(".safetensors") for n in names):
@@ -259,6 +279,7 @@ def _check_hub(config: SourceConfig, settings: Settings) -> CheckedSource:
         license=license_ if isinstance(license_, str) else None,
         base_model=repo_id,
         name=repo_id.split("/")[-1],
+        context_length=_context_length(model_config.get("max_position_embeddings")),
     )
 
 

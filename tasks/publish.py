@@ -7,7 +7,6 @@ and with `--push-to-hub` to HF_ENDPOINT as one commit. Token, repo id and write 
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -56,11 +55,9 @@ def cache_inputs(config: PublishConfig, settings: Settings, artifact_uri: str) -
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    # Hard links keep a multi-GB checkpoint from being copied a second time on the same disk.
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    # A copy, never a hard link: a shared inode would let a later edit of the release folder (or of the
+    # cached checkpoint) silently corrupt the other one.
+    shutil.copy2(src, dst)
 
 
 def assemble_folder(checkpoint: QuantizedCheckpoint, card: str, folder: Path, extra: list[Path] | None = None) -> None:

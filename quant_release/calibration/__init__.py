@@ -103,8 +103,12 @@ def resolve(requested: str, endpoint: str) -> str:
     """Turn `auto` into a concrete source name, once, before the run, so the cache key is stable."""
     if requested != AUTO:
         chosen = source(requested)
-        if chosen.name not in SOURCES and not chosen.available(endpoint):  # a file or Hub dataset named by spec
-            raise ConfigError(f"calibration dataset {requested!r} is not available (missing file or unreachable Hub)")
+        # Asked for by name: a source that cannot be reached now fails here, not after the download.
+        if not chosen.available(endpoint):
+            raise ConfigError(
+                f"--calib-dataset {chosen.name}: not available now ({chosen.description}; Hub {endpoint}); "
+                f"choose another with --calib-dataset ({', '.join(choices())})"
+            )
         return chosen.name
     for name in auto_order():
         if SOURCES[name].available(endpoint):

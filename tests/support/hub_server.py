@@ -948,8 +948,12 @@ class HubApp:
         self.tokens = tokens
         self._secret = secrets.token_bytes(32)  # signs the LFS upload URLs handed out by the batch API
         self._routes: list[tuple[frozenset[str], re.Pattern[str], Handler]] = []
+        # Fault injection for reliability tests: the next `count` requests whose path matches `pattern`
+        # get `status` instead of an answer (set with POST /api/_test/faults; GET reads what was seen).
+        self._faults: dict[str, Any] = {"pattern": None, "status": 0, "count": 0, "seen": 0}
         route = self._add_route
         route("GET", r"/api/health", self.health)
+        route({"GET", "POST"}, r"/api/_test/faults", self.test_faults)
         route("GET", r"/api/whoami-v2", self.whoami)
         route("POST", r"/api/repos/create", self.create_repo)
         route("DELETE", r"/api/repos/delete", self.delete_repo)
@@ -994,9 +998,35 @@ class HubApp:
             response = self._error_response(request, HubError(500, f"Internal test-server error: {exc!r}"))
         await response(scope, receive, send)
 
+    async def test_faults(self, request: Request, params: dict[str, str]) -> Response:
+        del params
+        if request.method == "POST":
+            body = await request.json()
+            self._faults = {
+                "pattern": str(body["pattern"]),
+                "status": int(body.get("status", 500)),
+                "count": int(body.get("count", 1)),
+                "seen": 0,
+            }
+        return JSONResponse(self._faults)
+
+    def _injected_fault(self, path: str) -> Response | None:
+        faults = self._faults
+        if faults["pattern"] is None or path.startswith("/api/_test/") or not re.search(faults["pattern"], path):
+            return None
+        faults["seen"] += 1
+        if faults["count"] <= 0:
+            return None
+        faults["count"] -= 1
+        headers = {"Retry-After": "0"} if faults["status"] == 429 else {}
+        return JSONResponse({"error": "injected fault"}, status_code=faults["status"], headers=headers)
+
     async def _dispatch(self, request: Request) -> Response:
         raw_path = request.scope.get("raw_path") or request.url.path.encode()
         path = raw_path.decode("latin-1").split("?", 1)[0]
+        fault = self._injected_fault(path)
+        if fault is not None:
+            return fault
         allowed: set[str] = set()
         for methods, pattern, handler in self._routes:
             match = pattern.match(path)

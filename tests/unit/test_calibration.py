@@ -36,7 +36,9 @@ def test_config_schema_suggests_the_named_sources() -> None:
 
 
 def test_config_rejects_an_unknown_source() -> None:
-    with pytest.raises(ConfigError, match=r"quantization\.calib_dataset: .*unknown calibration dataset 'wikitext'"):
+    with pytest.raises(
+        ConfigError, match=r"quantization\.calib_dataset \(--calib-dataset\): .*unknown calibration dataset 'wikitext'"
+    ):
         build_config({"quantization": {"calib_dataset": "wikitext"}})
     assert QuantizationConfig(calib_dataset="python-docs").calib_dataset == "python-docs"
 
@@ -129,11 +131,20 @@ def test_auto_is_cnn_dailymail_when_the_hub_answers(monkeypatch: pytest.MonkeyPa
     assert seen == [("http://hub.example", "abisee/cnn_dailymail")]
 
 
-@pytest.mark.parametrize("name", ["python-docs", "cnn_dailymail"])
-def test_explicit_dataset_is_returned_unchanged(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+def test_explicit_dataset_is_returned_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
     _clear_offline(monkeypatch)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # even offline: an explicit choice is not second-guessed
-    assert calibration.resolve(name, f"http://127.0.0.1:{free_port()}") == name
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert calibration.resolve("python-docs", f"http://127.0.0.1:{free_port()}") == "python-docs"
+
+
+@pytest.mark.parametrize("offline", ["0", "1"])
+def test_explicit_hub_dataset_that_is_unreachable_is_bad_input(monkeypatch: pytest.MonkeyPatch, offline: str) -> None:
+    """Chosen by name but not reachable: one line at preflight, not a failed quantize stage minutes later."""
+    _clear_offline(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConfigError, match=r"--calib-dataset cnn_dailymail: not available now.*python-docs"):
+        calibration.resolve("cnn_dailymail", endpoint)
 
 
 # --- sources with arguments: Hub dataset specs and local files ---------------------------------------

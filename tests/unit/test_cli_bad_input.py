@@ -159,8 +159,9 @@ def test_invalid_flag_value_is_argparse_exit_2(cli: Env) -> None:
     result = cli.run("run", "--mmlu-shots", "many")
     assert result.code == 2, result.stderr
     assert "Traceback" not in result.stderr
-    assert result.stderr_lines[-1] == "quant-release run: error: argument --mmlu-shots: invalid int value: 'many'"
-    assert result.stderr_lines[0].startswith("usage: quant-release run")
+    assert result.stderr_lines == [
+        "quant-release run: error: argument --mmlu-shots: invalid int value: 'many' (see quant-release run --help)"
+    ]
     assert result.seconds < FAST_SECONDS
     assert not result.state_dir.exists()
 
@@ -346,30 +347,27 @@ def evaluate_without_upstream(_evaluate_in_background: Background | None) -> Res
     return _evaluate_in_background.outcome["result"]
 
 
-def test_single_stage_without_upstream_exits_3_naming_the_stage(evaluate_without_upstream: Result) -> None:
+def test_single_stage_without_upstream_exits_3_naming_every_missing_stage(evaluate_without_upstream: Result) -> None:
     result = evaluate_without_upstream
     where = f"exit {result.code}\nstderr:\n{result.stderr}"
     assert result.code == 3, where
     errors = [line for line in result.stderr_lines if line.startswith(PREFIX)]
     assert len(errors) == 1, where
     assert errors[0] == result.stderr_lines[-1]
-    assert "stage download has no finished result" in errors[0]
-    assert "quant-release download" in errors[0]
+    assert "stages download, quantize, build have no finished result" in errors[0]
+    assert "quant-release run --stages download quantize build" in errors[0]
     assert result.seconds < 90, result.seconds
 
 
-def test_single_stage_without_upstream_writes_nothing_half(evaluate_without_upstream: Result) -> None:
+def test_single_stage_without_upstream_records_nothing(evaluate_without_upstream: Result) -> None:
+    """Decided in preflight: no stage dir, no MLflow store or run, no summary (locally or in the store)."""
     state = evaluate_without_upstream.state_dir
     stages = state / "stages"
     assert not stages.exists() or not any(p.is_file() for p in stages.rglob("*"))
     assert _half_written(state) == []
-    # The run's summary is written whole (atomically) and says what went wrong.
-    summaries = list((state / "runs").glob("*/summary.json"))
-    assert len(summaries) == 1
-    summary = json.loads(summaries[0].read_text())
-    assert summary["status"] == "failed"
-    assert "stage download has no finished result" in summary["error"]
-    assert "quant-release run" in evaluate_without_upstream.stdout  # the closing table
+    assert not (state / "mlflow.db").exists()
+    assert list(state.rglob("summary.json")) == []
+    assert evaluate_without_upstream.stdout == ""
 
 
 def test_single_stage_without_upstream_prints_no_traceback(evaluate_without_upstream: Result) -> None:

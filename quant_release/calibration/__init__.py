@@ -105,8 +105,9 @@ def resolve(requested: str, endpoint: str) -> str:
         chosen = source(requested)
         # Asked for by name: a source that cannot be reached now fails here, not after the download.
         if not chosen.available(endpoint):
+            where = f"{chosen.description}; Hub {endpoint}" if chosen.name in SOURCES else chosen.description
             raise ConfigError(
-                f"--calib-dataset {chosen.name}: not available now ({chosen.description}; Hub {endpoint}); "
+                f"--calib-dataset {chosen.name}: not available now ({where}); "
                 f"choose another with --calib-dataset ({', '.join(choices())})"
             )
         return chosen.name

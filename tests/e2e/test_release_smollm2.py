@@ -64,6 +64,9 @@ def release_run(
         "--mmlu-subjects", *SUBJECTS,
         "--mmlu-questions", str(QUESTIONS_PER_SUBJECT),
         "--calib-samples", "16",
+        # 16 calibration samples instead of the default 64 cost SmolLM2 more perplexity (measured +2.4%
+        # over BF16, against +1.6% with 64); the gate itself is tested in tests/unit/test_fidelity_gate.py.
+        "--max-ppl-increase", "0.05",
         "--bench-requests", "4", "--bench-concurrency", "4", "--bench-output-len", "16",
         "--push-to-hub", "--hub-repo-id", repo_id,
         "--experiment", "e2e-smollm2",

@@ -185,7 +185,10 @@ def test_a_text_file_is_paragraphs_and_a_jsonl_file_is_lines(tmp_path: Path) -> 
 
 def test_a_missing_file_fails_in_preflight_and_an_edited_one_changes_identity(tmp_path: Path) -> None:
     path = tmp_path / "calib.txt"
-    with pytest.raises(ConfigError, match="is not available"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--calib-dataset file:.*calib.txt: not available now \(the local file [^;]*\); choose another",
+    ):
         calibration.resolve(f"file:{path}", "http://unused.example")
     path.write_text("some text")
     assert calibration.resolve(f"file:{path}", "http://unused.example") == f"file:{path}"

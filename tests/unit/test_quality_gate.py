@@ -147,7 +147,13 @@ def test_a_failed_gate_fails_the_publish_stage_before_anything_is_stored(tmp_pat
         name="m",
     )
     preflight = Preflight(
-        checked=checked, calib_dataset="python-docs", device="cpu", store=store, tracking_uri="", mmlu_dataset=None
+        checked=checked,
+        calib_dataset="python-docs",
+        device="cpu",
+        engine="builtin",
+        store=store,
+        tracking_uri="",
+        mmlu_dataset=None,
     )
     ctx = RunContext(
         config=ReleaseConfig(),

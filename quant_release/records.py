@@ -35,10 +35,18 @@ class Record(BaseModel):
         """Output files the record promises that are gone or changed size (a stale cache entry)."""
         return []
 
+    def hashed_files(self) -> dict[Path, str]:
+        """sha256s the stage computed for its files (absolute path → hex), reused by the result's stamps."""
+        return {}
+
 
 def safetensors_bytes(files: list[FileDigest]) -> int:
     """Size of a checkpoint's weights: its .safetensors files (config and tokenizer left out)."""
     return sum(f.size for f in files if f.path.endswith(".safetensors"))
+
+
+def hashed(base: Path, files: list[FileDigest]) -> dict[Path, str]:
+    return {base / digest.path: digest.sha256 for digest in files}
 
 
 def missing_files(base: Path, files: list[FileDigest]) -> list[str]:
@@ -87,6 +95,9 @@ class ModelSource(Record):
 
     def missing_outputs(self) -> list[str]:
         return missing_files(self.model_dir, self.files)
+
+    def hashed_files(self) -> dict[Path, str]:
+        return hashed(self.model_dir, self.files)
 
 
 class CalibrationInfo(BaseModel):
@@ -147,6 +158,9 @@ class QuantizedCheckpoint(Record):
 
     def missing_outputs(self) -> list[str]:
         return missing_files(self.checkpoint_dir, self.files)
+
+    def hashed_files(self) -> dict[Path, str]:
+        return hashed(self.checkpoint_dir, self.files)
 
 
 class EngineHandle(BaseModel):
@@ -318,6 +332,9 @@ class Release(Record):
 
     def missing_outputs(self) -> list[str]:
         return missing_files(self.folder, self.files)
+
+    def hashed_files(self) -> dict[Path, str]:
+        return hashed(self.folder, self.files)
 
 
 class Results:

@@ -119,7 +119,11 @@ class StageRunner:
         self.keys[stage] = key
         selected = stage in self.selected
         start = time.monotonic()
-        cached = None if (selected and stage in self.rerun) else self.store.load(stage, key, spec.record)
+        cached, distrust = (
+            (None, None) if (selected and stage in self.rerun) else self.store.load_checked(stage, key, spec.record)
+        )
+        if distrust is not None:  # a result exists but changed since it was written: say which file
+            self.progress.note(stage, f"finished result not reused: {distrust}")
         if cached is None and not selected:
             error = MissingUpstreamError(
                 f"stage {stage} has no finished result for these settings; run `quant-release {stage}` "

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from quant_release import integrity
 from quant_release.atomic import write_text_atomic
 from quant_release.records import Record
 from quant_release.sweep import work_name
@@ -48,21 +49,36 @@ def cache_key(stage: str, inputs: Mapping[str, Any]) -> str:
 class StageStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
+        # Files hashed again on reuse because their stat changed (observable by tests; see integrity.py).
+        self.rehashed: list[Path] = []
 
     def result_dir(self, stage: str, key: str) -> Path:
         return self.root / "stages" / stage / key
 
     def load(self, stage: str, key: str, record_type: type[R]) -> R | None:
-        record_file = self.result_dir(stage, key) / "record.json"
+        return self.load_checked(stage, key, record_type)[0]
+
+    def load_checked(self, stage: str, key: str, record_type: type[R]) -> tuple[R | None, str | None]:
+        """The finished record, or None and (when a result exists but is not trusted) one line saying why."""
+        result = self.result_dir(stage, key)
+        record_file = result / "record.json"
         if not record_file.is_file():
-            return None
+            return None, None
         try:
             record = record_type.model_validate_json(record_file.read_text())
         except ValueError:
             # An unreadable record (older format, manual edits) is treated as absent, not trusted.
-            return None
+            return None, f"{record_file} is unreadable"
         # Outputs deleted or truncated since: the stage runs again instead of handing on a broken path.
-        return None if record.missing_outputs() else record
+        missing = record.missing_outputs()
+        if missing:
+            return None, f"{missing[0]} is missing or changed size"
+        if integrity.has_stamps(result):  # results committed before stamps existed: sizes only, as above
+            verdict = integrity.verify(result)
+            self.rehashed.extend(verdict.rehashed)
+            if verdict.problem:
+                return None, verdict.problem
+        return record, None
 
     @contextlib.contextmanager
     def writing(self, stage: str, key: str) -> Iterator[Path]:
@@ -87,6 +103,8 @@ class StageStore:
             record.model_dump_json().replace(json.dumps(str(work))[1:-1], json.dumps(str(final))[1:-1])
         )
         write_text_atomic(work / "record.json", relocated.model_dump_json(indent=2))
+        # Stamped last, with the hashes the stage computed already, so a same-size corruption is caught.
+        integrity.stamp(work, record.hashed_files())
         if final.exists():
             # A re-run replaces the old result only now that the new one is complete.
             trash = final.with_name(work_name("old", key))

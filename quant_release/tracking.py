@@ -7,6 +7,8 @@ a secret (credentials inside URIs, token-like values) is redacted before it is l
 
 from __future__ import annotations
 
+import base64
+import os
 import re
 import time
 import urllib.error
@@ -45,12 +47,19 @@ def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
     if scheme not in _SUPPORTED_SCHEMES:
         raise ConfigError(f"MLFLOW_TRACKING_URI {redact(uri)!r}: unsupported scheme {scheme or '(none)'!r}")
     if scheme in ("http", "https"):
-        url = uri.rstrip("/") + "/health"
+        parts = urllib.parse.urlsplit(uri.rstrip("/") + "/health")
+        # urllib takes `user:password@host` for a host name: send the credentials as MLflow's client
+        # does (basic auth), to the host alone.
+        host = parts.netloc.rpartition("@")[2]
+        request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)))
+        if parts.username is not None:
+            pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 if response.status != 200:
                     raise ConfigError(f"MLflow server {redact(uri)} answered {response.status} on /health")
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, ValueError) as exc:  # ValueError: UnicodeError of a bad host
             reason = getattr(exc, "reason", exc)
             raise ConfigError(f"MLflow server {redact(uri)} is not reachable: {reason}") from exc
 
@@ -61,6 +70,9 @@ class Tracker:
     def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
+        if "@" in urllib.parse.urlsplit(tracking_uri).netloc:
+            # MLflow prints "View run ... at: <tracking URI>" on every run end, password included.
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         existing = self.client.get_experiment_by_name(experiment)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.support.process import ServerProcess, free_port, http_ok, running_server
+from tests.support.process import ServerProcess, free_port, http_ok, running_server, start_server
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -97,6 +97,9 @@ class S3Server:
     region: str
     data_dir: Path
     server: ServerProcess = field(repr=False)
+    # How it was started, so a fault test can kill it and start it again on the same ports and data.
+    argv: tuple[str, ...] = field(default=(), repr=False)
+    base: Path | None = field(default=None, repr=False)
 
     def env(self) -> dict[str, str]:
         """AWS_* variables that point boto3 (and anything built on it) at this server.
@@ -232,7 +235,23 @@ def seaweedfs(
             region=region,
             data_dir=data_dir,
             server=server,
+            argv=tuple(argv),
+            base=base,
         )
+
+
+def restart_seaweedfs(s3: S3Server) -> ServerProcess:
+    """Start a killed `seaweedfs(...)` server again, same ports and data dir; the caller stops it."""
+    assert s3.base is not None and s3.argv, "not started by seaweedfs()"
+    return start_server(
+        "seaweedfs-restarted",
+        s3.argv,
+        ready=lambda: _s3_ready(s3.endpoint_url, s3.access_key, s3.secret_key),
+        log_dir=s3.base,
+        env={"GOMEMLIMIT": "256MiB"},
+        cwd=s3.base,
+        timeout=60,
+    )
 
 
 def create_bucket(s3: S3Server, stem: str = "test") -> str:

@@ -21,11 +21,16 @@ INPUTS: dict[str, Any] = {
 }
 
 
+# The smallest valid safetensors file: an 8-byte header length, the header `{}`, no tensors.
+EMPTY_SAFETENSORS = b"\x02" + b"\x00" * 7 + b"{}"
+
+
 def _record(model_dir: Path, files: list[str] | None = None) -> ModelSource:
-    """A record whose promised files exist (one byte each) when `model_dir` does."""
+    """A record whose promised files exist (one byte each; a valid empty .safetensors) when `model_dir` does."""
+    names = files or ["model.safetensors"]
     if model_dir.is_dir():
-        for name in files or ["model.safetensors"]:
-            (model_dir / name).write_bytes(b"x")
+        for name in names:
+            (model_dir / name).write_bytes(EMPTY_SAFETENSORS if name.endswith(".safetensors") else b"x")
     return ModelSource(
         kind="local",
         source=str(model_dir),
@@ -34,7 +39,10 @@ def _record(model_dir: Path, files: list[str] | None = None) -> ModelSource:
         name="tiny",
         architecture="LlamaForCausalLM",
         num_parameters=123,
-        files=[FileDigest(path=f, size=1, sha256="0" * 64) for f in (files or ["model.safetensors"])],
+        files=[
+            FileDigest(path=f, size=len(EMPTY_SAFETENSORS) if f.endswith(".safetensors") else 1, sha256="0" * 64)
+            for f in names
+        ],
         fingerprint="f" * 64,
     )
 
@@ -137,7 +145,7 @@ def test_commit_over_existing_result_replaces_it(tmp_path: Path) -> None:
         (work / "new.txt").write_text("new")
         record = store.commit("download", "k", work, _record(work, ["new.txt"]))
     final = store.result_dir("download", "k")
-    assert sorted(p.name for p in final.iterdir()) == ["new.txt", "record.json"]
+    assert sorted(p.name for p in final.iterdir()) == ["integrity.json", "new.txt", "record.json"]
     assert record.model_dir == final
     loaded = store.load("download", "k", ModelSource)
     assert loaded is not None
@@ -241,3 +249,141 @@ def test_write_text_atomic_failure_creates_no_file(tmp_path: Path, monkeypatch: 
         write_text_atomic(target, "complete")
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
+
+
+# --- integrity: stamps written at commit, checked on reuse (quant_release/integrity.py) -----------
+
+
+def _checkpoint_result(store: StageStore, key: str = "k") -> tuple[ModelSource, Path]:
+    """A committed result holding a real safetensors file with a `weight_scale` tensor, hashed by the stage."""
+    import torch
+    from safetensors.torch import save_file
+
+    from quant_release.hashing import digest_dir
+
+    with store.writing("quantize", key) as work:
+        (work / "ckpt").mkdir()
+        save_file(
+            {"layer.weight": torch.ones(4, 4), "layer.weight_scale": torch.tensor(0.5)},
+            str(work / "ckpt" / "model.safetensors"),
+        )
+        (work / "ckpt" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+        record = ModelSource(
+            kind="local",
+            source="tiny",
+            revision=None,
+            model_dir=work / "ckpt",
+            name="tiny",
+            architecture="LlamaForCausalLM",
+            num_parameters=17,
+            files=digest_dir(work / "ckpt"),
+            fingerprint="f" * 64,
+        )
+        committed = store.commit("quantize", key, work, record)
+    return committed, committed.model_dir / "model.safetensors"
+
+
+def _rename_key_in_place(path: Path, old: bytes, new: bytes) -> None:
+    """Same size, same inode: the corruption a size check cannot see."""
+    data = path.read_bytes()
+    assert len(old) == len(new) and old in data
+    with path.open("r+b") as handle:
+        handle.write(data.replace(old, new, 1))
+
+
+def test_untouched_result_is_trusted_without_rehashing(tmp_path: Path) -> None:
+    store = StageStore(tmp_path / "state")
+    record, _ = _checkpoint_result(store)
+    assert (store.result_dir("quantize", "k") / "integrity.json").is_file()
+    for _ in range(3):
+        assert store.load("quantize", "k", ModelSource) == record
+    assert store.rehashed == []
+
+
+def test_same_size_corruption_is_not_trusted(tmp_path: Path) -> None:
+    store = StageStore(tmp_path / "state")
+    _, weights = _checkpoint_result(store)
+    size, inode = weights.stat().st_size, weights.stat().st_ino
+    # Right after the commit, possibly within the same file system clock tick (the racy case).
+    _rename_key_in_place(weights, b"weight_scale", b"weight_scalf")
+    assert (weights.stat().st_size, weights.stat().st_ino) == (size, inode)
+    record, why = store.load_checked("quantize", "k", ModelSource)
+    assert record is None
+    assert why == f"{weights} changed since the stage wrote it (sha256 differs)"
+    assert store.rehashed == [weights]
+
+
+def test_a_redated_but_unchanged_file_is_hashed_once_then_trusted(tmp_path: Path) -> None:
+    import os
+
+    store = StageStore(tmp_path / "state")
+    record, weights = _checkpoint_result(store)
+    earlier = weights.stat().st_mtime_ns - 5_000_000_000  # as `touch -d` or a `cp -p` back would
+    os.utime(weights, ns=(earlier, earlier))
+    assert store.load("quantize", "k", ModelSource) == record
+    assert store.rehashed == [weights]
+    assert store.load("quantize", "k", ModelSource) == record
+    assert store.rehashed == [weights]  # the stamp was refreshed: not hashed a second time
+
+
+def test_a_file_replaced_by_a_copy_with_other_content_is_not_trusted(tmp_path: Path) -> None:
+    store = StageStore(tmp_path / "state")
+    _, weights = _checkpoint_result(store)
+    config = weights.with_name("config.json")
+    replacement = tmp_path / "other.json"
+    replacement.write_text(config.read_text().replace("Llama", "Qwen2"[:5]))
+    replacement.replace(config)  # a new inode, same size
+    record, why = store.load_checked("quantize", "k", ModelSource)
+    assert record is None
+    assert why is not None and str(config) in why
+
+
+def test_a_broken_safetensors_header_is_caught_even_with_its_stat_restored(tmp_path: Path) -> None:
+    import os
+
+    store = StageStore(tmp_path / "state")
+    _, weights = _checkpoint_result(store)
+    st = weights.stat()
+    _rename_key_in_place(weights, b'"data_offsets"', b'"data_offsetz"')
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # as `touch -r` or a careless restore would
+    record, why = store.load_checked("quantize", "k", ModelSource)
+    assert record is None
+    assert why == f"{weights}: safetensors header entry 'layer.weight' has no data offsets"
+    assert store.rehashed == []  # caught by the header check, not by hashing
+
+
+@pytest.mark.parametrize(
+    ("header", "problem"),
+    [
+        (b"\xff" * 8, "safetensors header length"),
+        (b"\x04" + b"\x00" * 7 + b"[1] ", "not a JSON object"),
+        (b"\x04" + b"\x00" * 7 + b"{no ", "not valid JSON"),
+        (b"\x02" + b"\x00" * 7 + b"{}" + b"\x00" * 4, "cover 0 bytes of a 4-byte data section"),
+        (b"\x02\x00", "shorter than its 8-byte header length"),
+    ],
+)
+def test_safetensors_problems_are_named(tmp_path: Path, header: bytes, problem: str) -> None:
+    from quant_release.integrity import safetensors_problem
+
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(header)
+    found = safetensors_problem(path)
+    assert found is not None and problem in found
+
+
+def test_a_deleted_unlisted_output_or_stamp_file_is_not_trusted(tmp_path: Path) -> None:
+    store = StageStore(tmp_path / "state")
+    _, weights = _checkpoint_result(store)
+    (weights.parent / "config.json").unlink()  # not in the record's size check, but stamped
+    assert store.load_checked("quantize", "k", ModelSource)[0] is None
+    _checkpoint_result(store, "k2")
+    (store.result_dir("quantize", "k2") / "integrity.json").write_text("{garbage")
+    record, why = store.load_checked("quantize", "k2", ModelSource)
+    assert record is None and why is not None and "integrity.json is unreadable" in why
+
+
+def test_results_from_before_stamps_are_checked_by_size_only(tmp_path: Path) -> None:
+    store = StageStore(tmp_path / "state")
+    record, _ = _checkpoint_result(store)
+    (store.result_dir("quantize", "k") / "integrity.json").unlink()
+    assert store.load("quantize", "k", ModelSource) == record

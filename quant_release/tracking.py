@@ -73,6 +73,8 @@ class Tracker:
         else:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
         self.parent_run_id: str | None = None
+        # (run, key, step) -> value already logged: logging it again would add a point to the metric's history.
+        self._logged: dict[tuple[str, str, int], float] = {}
 
     # -- parent run ----------------------------------------------------------------------------
     def start(self, run_name: str | None, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
@@ -120,7 +122,13 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(_metric_key(k), float(v), now, step) for k, v in metrics.items()]
+        items = []
+        for k, v in metrics.items():
+            key, value = _metric_key(k), float(v)
+            if self._logged.get((run_id, key, step)) == value:
+                continue
+            self._logged[(run_id, key, step)] = value
+            items.append(Metric(key, value, now, step))
         for first in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[first : first + 1000])
 

@@ -233,7 +233,9 @@ def test_first_run_completes_every_stage(setup: FlowSetup, first: Invocation) ->
         f"quant-release/runs/{run_id}/{name}.json" for name in ("benchmark", "evaluate", "summary")
     ]
     parent_artifacts = {a.path for a in MlflowClient(tracking_uri=setup.mlflow.tracking_uri).list_artifacts(parent_id)}
-    assert parent_artifacts == {"summary.json", "summary.txt", "predictions.jsonl", "throughput_latency.png"}
+    assert parent_artifacts == {
+        "summary.json", "summary.txt", "predictions.jsonl", "throughput_latency.png", "mmlu_categories.png", "mmlu",
+    }  # fmt: skip
 
 
 def test_second_run_reuses_every_stage(setup: FlowSetup, first: Invocation, second: Invocation) -> None:

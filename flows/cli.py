@@ -199,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = commands.add_parser(
         "deploy",
         help="register the Prefect deployments (prefect deploy) with unknown parameters refused",
-        description="Run `prefect deploy --prefect-file infra/prefect.yaml --all` (or with the arguments given "
-        "after --), then set additionalProperties: false on each deployment's parameter schema, which "
+        description="Run `prefect deploy --prefect-file infra/prefect.yaml --all` (arguments after -- are "
+        "added; --prefect-file or --name given there replace the defaults), then set additionalProperties: "
+        "false on each deployment's parameter schema, which "
         "`prefect deploy` leaves out: the server then refuses a run with an unknown top-level parameter. "
         "Run it from the checkout the worker uses, with PREFECT_API_URL set.",
     )

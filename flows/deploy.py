@@ -75,9 +75,12 @@ def close_schemas(names: list[str]) -> list[str]:
 
 
 def deploy(prefect_args: list[str]) -> int:
-    """`prefect deploy` with `prefect_args` (default: `--prefect-file infra/prefect.yaml --all`), then close the
-    schemas of the file's deployments. Returns prefect's exit code when it fails."""
-    args = list(prefect_args) or ["--all"]
+    """`prefect deploy` with `prefect_args`, plus `--prefect-file infra/prefect.yaml` and `--all` unless they
+    choose a file or deployments, then close the schemas of the file's deployments. Returns prefect's exit code
+    when it fails."""
+    args = list(prefect_args)
+    if not {"--all", "--name", "-n"} & {a.split("=", 1)[0] for a in args}:
+        args.append("--all")  # no deployment chosen: all of them, as prefect would otherwise ask or fail
     if "--prefect-file" not in args:
         args = ["--prefect-file", str(DEFAULT_PREFECT_FILE), *args]
     prefect_file = Path(args[args.index("--prefect-file") + 1])

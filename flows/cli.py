@@ -196,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_a", metavar="RUN_A", help="MLflow run id or quant-release run id")
     compare.add_argument("run_b", metavar="RUN_B", help="MLflow run id or quant-release run id")
     compare.add_argument("--state-dir", type=Path, metavar="DIR", help="where the local MLflow store is")
+    deploy = commands.add_parser(
+        "deploy",
+        help="register the Prefect deployments (prefect deploy) with unknown parameters refused",
+        description="Run `prefect deploy --prefect-file infra/prefect.yaml --all` (arguments after -- are "
+        "added; --prefect-file or --name given there replace the defaults), then set additionalProperties: "
+        "false on each deployment's parameter schema, which "
+        "`prefect deploy` leaves out: the server then refuses a run with an unknown top-level parameter. "
+        "Run it from the checkout the worker uses, with PREFECT_API_URL set.",
+    )
+    deploy.add_argument(
+        "prefect_args", nargs=argparse.REMAINDER, metavar="-- PREFECT_DEPLOY_ARGS", help="passed to prefect deploy"
+    )
     return parser
 
 
@@ -244,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "compare":
         return _compare(args)
+    if args.command == "deploy":
+        return _deploy(args)
     try:
         config = config_from_args(args)
     except ConfigError as exc:
@@ -282,6 +296,17 @@ def _compare(args: argparse.Namespace) -> int:
     except QuantReleaseError as exc:
         return _fail(error_message(exc), exc.exit_code)
     return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from flows.deploy import deploy
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    extra = args.prefect_args[1:] if args.prefect_args[:1] == ["--"] else args.prefect_args
+    try:
+        return deploy(list(extra))
+    except QuantReleaseError as exc:
+        return _fail(error_message(exc), exc.exit_code)
 
 
 def prefect_api_url() -> str | None:

@@ -16,11 +16,12 @@ import importlib
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
-from quant_release import calibration, mmlu_report, netlimits, provenance
+from quant_release import calibration, lineage, mmlu_report, netlimits, provenance
 from quant_release import mmlu as mmlu_data
 from quant_release.atomic import write_text_atomic
 from quant_release.checks import check_fp8_gemm, check_options, check_state_dir
@@ -29,7 +30,7 @@ from quant_release.engines import check_available, resolve_engine
 from quant_release.environment import package_versions, resolved_device
 from quant_release.errors import error_message, redact
 from quant_release.progress import Progress
-from quant_release.records import MmluResult, Record, StageReport
+from quant_release.records import MmluResult, Record, Release, StageReport
 from quant_release.signals import is_interrupt
 from quant_release.stage import Preflight, RunContext, StageRunner, StageTask
 from quant_release.stages import STAGE_TABLE, STAGES, StageName, enabled, needed_stages
@@ -37,7 +38,7 @@ from quant_release.state import StageStore
 from quant_release.storage import ArtifactStore, open_store
 from quant_release.summary import RunSummary, build_summary, summary_table
 from quant_release.sweep import close_dead_runs, owner_tags, sweep_partials
-from quant_release.tracking import Tracker, check_tracking_uri
+from quant_release.tracking import Tracker, check_tracking_uri, supports_registry
 from quant_release.upstream import check_upstream, probe_runner
 from tasks.download import check_source
 from tasks.publish import check_publish
@@ -164,7 +165,16 @@ def run_release(config: ReleaseConfig, settings: Settings, run_id: str, progress
             seconds=time.monotonic() - started,
         )
         try:
-            _finish(summary, summary_path, tracker, pre.store, runner, error, ctx.results.find(MmluResult))
+            _finish(
+                summary,
+                summary_path,
+                tracker,
+                pre.store,
+                runner,
+                error,
+                ctx.results.find(MmluResult),
+                lambda parent: _record_lineage(tracker, parent, ctx),
+            )
         except Exception as finish_error:
             if error is None:
                 raise
@@ -219,6 +229,7 @@ def _finish(
     runner: StageRunner,
     error: BaseException | None,
     mmlu_result: MmluResult | None = None,
+    record_lineage: Callable[[str], None] | None = None,
 ) -> None:
     """Record the summary everywhere; a failure here must not hide the stage error that got us here."""
     runner.engines.close()
@@ -242,12 +253,40 @@ def _finish(
                 tracker.log_artifact(parent, Path(path))
         if parent and mmlu_result is not None:
             _log_mmlu(tracker, parent, mmlu_result, summary)
+        if parent and record_lineage is not None:
+            record_lineage(parent)
         _prefect_artifact(summary)
         if mmlu_result is not None:
             _prefect_mmlu_table(mmlu_result)
         _prefect_links(summary, tracker, runner)
     finally:
         tracker.finish("KILLED" if is_interrupt(error) else "FAILED" if error else "FINISHED")
+
+
+def _record_lineage(tracker: Tracker, parent: str, ctx: RunContext) -> None:
+    """The run's input datasets on the parent run and, once published, the release as an MLflow model version."""
+    pre, progress = ctx.preflight, ctx.progress
+    tracker.log_inputs(parent, lineage.input_datasets(ctx.results, pre.mmlu_dataset, ctx.settings.hf_endpoint))
+    release = ctx.results.find(Release)
+    if release is None or not release.artifact_uri:
+        return
+    if not supports_registry(pre.tracking_uri):
+        progress.note("publish", f"no MLflow model version: {redact(pre.tracking_uri)} has no model registry")
+        return
+    name = lineage.registered_model_name(release, ctx.config.source.model)
+    try:
+        version = tracker.register_model_version(
+            name,
+            release.artifact_uri,
+            parent,
+            lineage.model_version_tags(release, ctx.run_id),
+            description=f"FP8 release of {ctx.config.source.model} by quant-release run {ctx.run_id}",
+        )
+    except Exception as exc:  # the release is published and stored; a registry refusal must not fail it
+        progress.note("publish", f"could not register MLflow model version {name}: {error_message(exc)}")
+        return
+    tracker.set_tags(parent, {"quant_release.model_version": f"{name}/{version}"})
+    progress.note("publish", f"MLflow model version {name} {version} -> {release.artifact_uri}")
 
 
 def _log_mmlu(tracker: Tracker, parent: str, result: MmluResult, summary: RunSummary) -> None:

@@ -376,6 +376,28 @@ def stage_memory_metrics(stage: str, rss_bytes: int | None, gpu_bytes: Mapping[s
     return out
 
 
+# A stage's own MLflow run logs its timing and memory under these run-local keys; every key above (the
+# comparison vocabulary, `stage/<stage>/...` included) is logged on the parent run only, so an experiment
+# chart gets one point per release, not one from the parent and one from a stage run.
+STAGE_RUN_SECONDS = "seconds"
+STAGE_RUN_PEAK_RSS = "peak_rss_bytes"
+STAGE_RUN_PEAK_GPU = "peak_gpu{index}_bytes"
+
+
+def stage_run_metrics(
+    seconds: float | None, rss_bytes: int | None = None, gpu_bytes: Mapping[str, int] | None = None
+) -> dict[str, float]:
+    """What a stage's own MLflow run logs: its time and peak memory, under run-local keys."""
+    out: dict[str, float] = {}
+    if seconds is not None:
+        out[STAGE_RUN_SECONDS] = float(seconds)
+    if rss_bytes is not None:
+        out[STAGE_RUN_PEAK_RSS] = float(rss_bytes)
+    for device, value in (gpu_bytes or {}).items():
+        out[STAGE_RUN_PEAK_GPU.format(index=device.rpartition(":")[2])] = float(value)
+    return out
+
+
 def record_metrics(record: Record) -> dict[str, float]:
     """Every metric of the vocabulary that `record` produces, under its canonical key."""
     out: dict[str, float] = {}

@@ -90,8 +90,9 @@ class StageRunner:
         )
         if report.mlflow_run_id:  # the stage's run has ended; MLflow still takes metrics for it
             self.tracker.log_metrics(
-                report.mlflow_run_id, metrics.stage_memory_metrics(stage, peak.rss_bytes, peak.gpu_bytes)
+                report.mlflow_run_id, metrics.stage_run_metrics(None, peak.rss_bytes, peak.gpu_bytes)
             )
+        self._log_parent(metrics.stage_memory_metrics(stage, peak.rss_bytes, peak.gpu_bytes))
         if report.status == "completed" and peak.rss_bytes is not None:
             gpus = "".join(f", {device} {value / 2**30:.2f} GiB" for device, value in peak.gpu_bytes.items())
             scope = "" if peak.rss_scope == "stage" else " (process lifetime)"
@@ -157,8 +158,10 @@ class StageRunner:
                     record = accept(record)
                 except BaseException as exc:
                     seconds = time.monotonic() - start
-                    # The measured numbers belong in MLflow most of all when the gate rejects them.
-                    self.tracker.log_metrics(run_id, record.metrics())
+                    # The measured numbers belong in MLflow most of all when the gate rejects them: on the
+                    # parent run, where they would have gone had the gate passed (the record never reaches
+                    # the run's results, so the summary cannot log them).
+                    self._log_parent(record.metrics())
                     self.reports[stage] = StageReport(
                         status="failed", seconds=seconds, cache_key=key, error=error_message(exc), mlflow_run_id=run_id
                     )
@@ -166,11 +169,21 @@ class StageRunner:
                     raise
             seconds = time.monotonic() - start
             self.tracker.set_tags(run_id, {"status": status})
-            self.tracker.log_metrics(run_id, {**record.metrics(), metrics.stage_seconds_key(stage): seconds})
+            # Comparison metrics on the parent only (as soon as the stage ends, so a long run shows them
+            # early); the stage's run keeps its own timing. The summary logs the same values again at the end,
+            # which the tracker skips as already logged.
+            self.tracker.log_metrics(run_id, metrics.stage_run_metrics(seconds))
+            self._log_parent({**record.metrics(), metrics.stage_seconds_key(stage): seconds})
         self.reports[stage] = StageReport(status=status, seconds=seconds, cache_key=key, mlflow_run_id=run_id)
         if status == "completed":
             self.progress.stage_finished(stage, status, seconds)
         return record
+
+    def _log_parent(self, values: Mapping[str, float]) -> None:
+        """Comparison metrics go on the release's parent run (a runner without one logs none)."""
+        parent = self.tracker.parent_run_id
+        if parent and values:
+            self.tracker.log_metrics(parent, values)
 
     def skip(self, stage: str, reason: str) -> None:
         self.reports[stage] = StageReport(status="skipped", error=None)

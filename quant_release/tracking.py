@@ -16,11 +16,14 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from quant_release.errors import SECRET_WORDS, ConfigError, redact
 
+# Stores with a model registry: a tracking server and the database stores. MLflow's file store has none.
+_REGISTRY_SCHEMES = {"http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks"}
 _SUPPORTED_SCHEMES = {"http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks"}
 _SECRET_KEY = re.compile(SECRET_WORDS, re.IGNORECASE)
 _PARAM_MAX = 6000  # MLflow's limit on a param value
@@ -64,6 +67,69 @@ def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
             raise ConfigError(f"MLflow server {redact(uri)} is not reachable: {reason}") from exc
 
 
+@dataclass(frozen=True)
+class DatasetRef:
+    """An input of a release run, for MLflow's `log_input` (the run page's Datasets, searchable by digest)."""
+
+    name: str
+    fingerprint: str  # our sha256 (hex); MLflow keeps at most 36 characters as the digest, the whole as a tag
+    uri: str  # where it came from: a URL, a path, s3://..., or our own spec (pypi:..., python-docs)
+    context: str  # MLflow's `mlflow.data.context` input tag: model, calibration, evaluation
+
+
+def supports_registry(tracking_uri: str) -> bool:
+    """Whether the tracking store has MLflow's model registry (a server or a database; not a directory)."""
+    return urllib.parse.urlsplit(tracking_uri).scheme.split("+")[0] in _REGISTRY_SCHEMES
+
+
+def _dataset_source(uri: str) -> Any:
+    """MLflow's own source type for URLs, s3:// and paths; our spec strings (pypi:..., python-docs) as they are."""
+    from mlflow.data.dataset_source import DatasetSource
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        return HTTPDatasetSource(uri)  # type: ignore[no-untyped-call]  # mlflow leaves it unannotated
+    if scheme == "s3" or uri.startswith("/"):
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        with warnings.catch_warnings():  # a path matches MLflow's local source twice, which it warns about
+            warnings.simplefilter("ignore", UserWarning)
+            return resolve_dataset_source(uri)
+
+    class SpecSource(DatasetSource):
+        """A source MLflow has no type for; shown with its spec, never loaded by MLflow."""
+
+        def __init__(self, spec: str) -> None:
+            self.spec = spec
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "quant_release"
+
+        def load(self, **kwargs: Any) -> Any:
+            raise NotImplementedError(f"{self.spec}: load it with quant-release")
+
+        @staticmethod
+        def _can_resolve(raw_source: Any) -> bool:
+            return False
+
+        @classmethod
+        def _resolve(cls, raw_source: Any) -> SpecSource:
+            return cls(str(raw_source))
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"uri": self.spec}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict[str, Any]) -> SpecSource:
+            return cls(source_dict["uri"])
+
+    return SpecSource(uri)
+
+
 class Tracker:
     """A parent MLflow run and its nested stage runs."""
 
@@ -85,6 +151,8 @@ class Tracker:
         else:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
         self.parent_run_id: str | None = None
+        # (run, key, step) -> value already logged: logging it again would add a point to the metric's history.
+        self._logged: dict[tuple[str, str, int], float] = {}
 
     # -- parent run ----------------------------------------------------------------------------
     def start(self, run_name: str | None, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
@@ -132,7 +200,13 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(_metric_key(k), float(v), now, step) for k, v in metrics.items()]
+        items = []
+        for k, v in metrics.items():
+            key, value = _metric_key(k), float(v)
+            if self._logged.get((run_id, key, step)) == value:
+                continue
+            self._logged[(run_id, key, step)] = value
+            items.append(Metric(key, value, now, step))
         for first in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[first : first + 1000])
 
@@ -146,6 +220,37 @@ class Tracker:
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, redact(text), artifact_file)
+
+    def log_inputs(self, run_id: str, datasets: list[DatasetRef]) -> None:
+        """The run's inputs as MLflow datasets (metadata only: name, digest, source), each with its context."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = []
+        for ref in datasets:
+            uri = redact(ref.uri)
+            # MetaDataset's `profile` is abstract only in mlflow's stubs; the class implements it (None).
+            dataset = MetaDataset(_dataset_source(uri), name=ref.name, digest=ref.fingerprint[:36])  # type: ignore[abstract]
+            tags = [InputTag("mlflow.data.context", ref.context), InputTag("quant_release.sha256", ref.fingerprint)]
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=tags))
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
+
+    def register_model_version(
+        self, name: str, source: str, run_id: str | None, tags: Mapping[str, str], description: str
+    ) -> str:
+        """A new version of registered model `name` (created on first use) whose files are at `source`."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, description=description)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(
+            name, source, run_id=run_id, tags=_redacted(tags), description=description
+        )
+        return str(version.version)
 
     def log_table(self, run_id: str, data: Mapping[str, list[Any]], artifact_file: str) -> None:
         """A table (columns of equal length) that MLflow's UI shows and compares across runs."""

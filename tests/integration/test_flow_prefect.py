@@ -233,7 +233,9 @@ def test_first_run_completes_every_stage(setup: FlowSetup, first: Invocation) ->
         f"quant-release/runs/{run_id}/{name}.json" for name in ("benchmark", "evaluate", "summary")
     ]
     parent_artifacts = {a.path for a in MlflowClient(tracking_uri=setup.mlflow.tracking_uri).list_artifacts(parent_id)}
-    assert parent_artifacts == {"summary.json", "summary.txt", "predictions.jsonl", "throughput_latency.png"}
+    assert parent_artifacts == {
+        "summary.json", "summary.txt", "predictions.jsonl", "throughput_latency.png", "mmlu_categories.png", "mmlu",
+    }  # fmt: skip
 
 
 def test_second_run_reuses_every_stage(setup: FlowSetup, first: Invocation, second: Invocation) -> None:
@@ -493,3 +495,31 @@ def test_reused_stages_show_as_cached_in_prefect(setup: FlowSetup, second: Invoc
     flow_run = _flow_run(setup, second.summary["run_id"])
     task_runs = _task_runs(setup, flow_run["id"])
     assert [(t["state_type"], t["state_name"]) for t in task_runs] == [("COMPLETED", "Cached")] * 6
+
+
+def test_parent_run_lists_its_inputs_and_the_release_is_a_model_version(setup: FlowSetup, first: Invocation) -> None:
+    """log_input for the model, the calibration and the MMLU data (digests = the records' fingerprints), and the
+    published release registered in MLflow with its S3 prefix as the source."""
+    from mlflow.tracking import MlflowClient
+
+    summary = first.summary
+    client = MlflowClient(tracking_uri=setup.mlflow.tracking_uri)
+    parent = client.get_run(summary["mlflow"]["run_id"])
+    record_dir = setup.state_dir / "stages" / "quantize" / summary["stages"]["quantize"]["cache_key"]
+    calibration = json.loads((record_dir / "record.json").read_text())["calibration"]
+    inputs = {i.dataset.name: i for i in parent.inputs.dataset_inputs}
+    assert set(inputs) == {"tiny-llama", "calibration:python-docs", "mmlu"}
+    assert inputs["tiny-llama"].dataset.digest == summary["model"]["fingerprint"][:36]
+    assert inputs["tiny-llama"].dataset.source_type == "local"
+    assert str(setup.model) in inputs["tiny-llama"].dataset.source
+    assert inputs["calibration:python-docs"].dataset.digest == calibration["fingerprint"][:36]
+    contexts = {name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for name, i in inputs.items()}
+    assert contexts == {"tiny-llama": "model", "calibration:python-docs": "calibration", "mmlu": "evaluation"}
+
+    name, version = parent.data.tags["quant_release.model_version"].rsplit("/", 1)
+    assert name == "tiny-llama-FP8"
+    model_version = client.get_model_version(name, version)
+    assert model_version.source == summary["artifacts"]["artifact_uri"]
+    assert model_version.source.startswith(f"s3://{setup.bucket}/quant-release/releases/")
+    assert model_version.run_id == parent.info.run_id
+    assert model_version.tags["quant_release.run_id"] == summary["run_id"]

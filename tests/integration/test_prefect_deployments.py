@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from tests.support.servers import PrefectServer, find_executable
 
@@ -28,6 +29,15 @@ def _prefect(server: PrefectServer, *args: str) -> subprocess.CompletedProcess[s
     return subprocess.run(
         [find_executable("prefect"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False
     )
+
+
+def _quant_release_deploy(server: PrefectServer) -> subprocess.CompletedProcess[str]:
+    """The README's way to deploy: `prefect deploy` of infra/prefect.yaml, then the schemas closed."""
+    env = {**os.environ, **server.env(), "PREFECT_CLI_PROMPT": "false"}
+    return subprocess.run(
+        [find_executable("quant-release"), "deploy", "--", "--no-prompt"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
 
 
 def _api(server: PrefectServer, method: str, path: str, body: Any = None) -> Any:
@@ -44,7 +54,7 @@ def _deployment(server: PrefectServer, name: str) -> dict[str, Any]:
 def deployed(prefect_server: PrefectServer) -> PrefectServer:
     pool = _prefect(prefect_server, "work-pool", "create", "quant-release", "--type", "process")
     assert pool.returncode == 0 or "already exists" in pool.stdout + pool.stderr, pool.stdout + pool.stderr
-    result = _prefect(prefect_server, "deploy", "--prefect-file", "infra/prefect.yaml", "--all", "--no-prompt")
+    result = _quant_release_deploy(prefect_server)
     assert result.returncode == 0, result.stdout + result.stderr
     return prefect_server
 
@@ -72,7 +82,7 @@ def test_a_schedule_survives_redeploying_in_the_state_it_was_left(deployed: Pref
         if not expected_active:
             paused = _prefect(deployed, "deployment", "schedule", "pause", "quant-release/nightly", schedule["id"])
             assert paused.returncode == 0, paused.stdout + paused.stderr
-        again = _prefect(deployed, "deploy", "--prefect-file", "infra/prefect.yaml", "--all", "--no-prompt")
+        again = _quant_release_deploy(deployed)
         assert again.returncode == 0, again.stdout + again.stderr
         (kept,) = _deployment(deployed, "nightly")["schedules"]
         assert (kept["schedule"]["cron"], kept["active"]) == ("0 2 * * *", expected_active)
@@ -126,3 +136,37 @@ def test_unknown_top_level_parameter_is_refused_by_the_cli(deployed: PrefectServ
         timeout=30,
     )
     assert response.status_code == 409, response.text
+
+
+def test_unknown_top_level_parameter_is_refused_by_the_server(deployed: PrefectServer, tmp_path: Path) -> None:
+    """`prefect deploy` leaves `additionalProperties` out of the top level of the schema, so the REST API (the
+    UI's form posts there) accepted `{"mmlu_questions": 2}` with 201 and the run failed on the worker.
+    `quant-release deploy` closes it: the server refuses the run when it is created."""
+    for name in ("nightly", "on-demand"):
+        deployment = _deployment(deployed, name)
+        assert deployment["parameter_openapi_schema"]["additionalProperties"] is False
+        assert set(deployment["parameter_openapi_schema"]["properties"]) == {"config"}  # nothing else changed
+        for parameters in ({"mmlu_questions": 2}, {"config": {}, "mmlu_questions": 2}):
+            response = httpx.post(
+                f"{deployed.api_url}/deployments/{deployment['id']}/create_flow_run",
+                json={"parameters": parameters},
+                timeout=30,
+            )
+            assert response.status_code in (409, 422), response.text
+            assert "mmlu_questions" in response.text
+    # What a plain `prefect deploy` does (the gap `quant-release deploy` closes), shown on a copy of the file
+    # with another deployment name, so the deployments above keep their closed schemas.
+    data = yaml.safe_load((ROOT / "infra/prefect.yaml").read_text())
+    data["deployments"] = [{**data["deployments"][1], "name": "open-schema"}]
+    copy = tmp_path / "prefect.yaml"
+    copy.write_text(yaml.safe_dump(data))
+    plain = _prefect(deployed, "deploy", "--prefect-file", str(copy), "--all", "--no-prompt")
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    opened = _deployment(deployed, "open-schema")
+    assert "additionalProperties" not in opened["parameter_openapi_schema"]
+    response = httpx.post(
+        f"{deployed.api_url}/deployments/{opened['id']}/create_flow_run",
+        json={"parameters": {"mmlu_questions": 2}},
+        timeout=30,
+    )
+    assert response.status_code == 201, response.text

@@ -154,8 +154,14 @@ def test_completed_then_cached_then_rerun(
     assert run.data.tags["cache_key"] == key
     assert run.data.params["nested.seed"] == "0"
     assert run.data.params["calib_samples"] == "4"
-    assert run.data.metrics["toy/value"] == 7.0
-    assert f"stage/{STAGE}/seconds" in run.data.metrics
+    # The stage's run keeps its own timing and memory; the record's metrics and `stage/<stage>/...` (what
+    # releases are compared by) are on the parent only: one point per release in an experiment chart.
+    assert set(run.data.metrics) == {"seconds", "peak_rss_bytes"}
+    assert run.data.metrics["seconds"] == pytest.approx(report.seconds)
+    parent_metrics = mlflow_client.get_run(tracker.parent_run_id).data.metrics
+    assert parent_metrics["toy/value"] == 7.0
+    assert parent_metrics[f"stage/{STAGE}/seconds"] == pytest.approx(report.seconds)
+    assert parent_metrics[f"stage/{STAGE}/peak_rss_bytes"] == float(report.peak_rss_bytes or 0)
     prefix = f"{mlflow_server.artifact_prefix}/{tracker.experiment_id}/{report.mlflow_run_id}/artifacts/"
     assert s3_keys(mlflow_server, prefix) == [prefix + "record.json"]
 
@@ -168,7 +174,8 @@ def test_completed_then_cached_then_rerun(
     assert runner.reports[STAGE].status == "cached"
     cached_run = mlflow_client.get_run(runner.reports[STAGE].mlflow_run_id)
     assert cached_run.data.tags["status"] == "cached"
-    assert cached_run.data.metrics["toy/value"] == 7.0
+    assert "toy/value" not in cached_run.data.metrics
+    assert set(cached_run.data.metrics) == {"seconds", "peak_rss_bytes"}
 
     # Other inputs give another key: produced again, the first result untouched.
     other = Produce(8)
@@ -331,8 +338,10 @@ def test_a_rejecting_gate_fails_the_stage_but_keeps_its_result(
     assert report.status == "failed" and report.error == "RuntimeError: gate: value 7 is too high"
     assert report.peak_rss_bytes is not None and report.peak_rss_bytes > 10_000_000  # a Python process with torch
     failed_run = mlflow_client.get_run(report.mlflow_run_id)
-    assert failed_run.data.metrics["toy/value"] == 7.0  # the rejected numbers are in MLflow
-    assert failed_run.data.metrics[f"stage/{STAGE}/peak_rss_bytes"] == float(report.peak_rss_bytes)
+    # The rejected numbers are in MLflow, on the parent run like any release's numbers.
+    assert mlflow_client.get_run(tracker.parent_run_id).data.metrics["toy/value"] == 7.0
+    assert "toy/value" not in failed_run.data.metrics
+    assert failed_run.data.metrics["peak_rss_bytes"] == float(report.peak_rss_bytes)
 
     # Accepted the second time (e.g. an override): the stored result is reused, not produced again.
     runner = _runner(store, tracker, selected={STAGE})
@@ -358,3 +367,37 @@ def test_peak_rss_is_the_stage_own_peak(store: StageStore, tracker: Tracker) -> 
     second = runner.reports[STAGE].peak_rss_bytes
     assert first is not None and second is not None
     assert first - second > 250 * 2**20, (first, second)
+
+
+def test_each_metric_key_is_on_one_run_per_release_and_compare_reads_it(
+    store: StageStore, mlflow_client: Any, mlflow_server: MlflowServer
+) -> None:
+    """Two releases in one experiment: no metric key is on both a parent and a stage run (an MLflow experiment
+    chart would otherwise get two points per release), and `quant-release compare` finds the numbers."""
+    from flows.compare import compare
+
+    experiment = new_experiment_name("one-point")
+    parents = []
+    for value in (7, 9):
+        tracker = Tracker(mlflow_server.tracking_uri, experiment)
+        parents.append(tracker.start(f"release-{value}", {"toy": {"value": value}}, {}))
+        runner = _runner(store, tracker, selected={"download", STAGE}, rerun={STAGE})
+        runner.run("download", {"source": "a"}, lambda _work: UpstreamRecord(value=1))
+        runner.run(STAGE, INPUTS, Produce(value))
+        # What the pipeline's summary does at the end: the same values again, which must not add history.
+        tracker.log_metrics(tracker.parent_run_id or "", {"toy/value": float(value)})
+        tracker.finish("FINISHED")
+
+    runs = mlflow_client.search_runs([Tracker(mlflow_server.tracking_uri, experiment).experiment_id])
+    assert len(runs) == 6  # two parents, two stage runs each
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parent_keys = {key for r in runs if r.info.run_id in parents for key in r.data.metrics}
+    child_keys = {key for r in children for key in r.data.metrics}
+    assert {"toy/value", f"stage/{STAGE}/seconds", "stage/download/seconds"} <= parent_keys
+    assert parent_keys.isdisjoint(child_keys), parent_keys & child_keys
+    assert child_keys == {"seconds", "peak_rss_bytes"}
+    assert len(mlflow_client.get_metric_history(parents[0], "toy/value")) == 1
+
+    table = compare(mlflow_server.tracking_uri, parents[0], parents[1]).splitlines()
+    assert ["toy/value", "7", "9", "+2", "1.286x"] in [line.split() for line in table]
+    assert any(line.split()[:1] == [f"stage/{STAGE}/seconds"] for line in table)

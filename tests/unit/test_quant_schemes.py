@@ -40,7 +40,7 @@ def test_kv_cache_quantizers_are_appended_without_touching_modelopts_dicts() -> 
     # Appended after the scheme's entries: later entries win over its leading "*": disabled.
     assert cfg["quant_cfg"][: len(base)] == base
     assert cfg["quant_cfg"][len(base) :] == list(mtq.FP8_KV_CFG["quant_cfg"])
-    assert mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG == before
+    assert before == mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG
     assert modelopt_config(QuantizationConfig())["quant_cfg"] == list(mtq.FP8_DEFAULT_CFG["quant_cfg"])
 
 

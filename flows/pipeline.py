@@ -24,7 +24,7 @@ from typing import TypeVar
 from quant_release import calibration, lineage, mmlu_report, netlimits, provenance
 from quant_release import mmlu as mmlu_data
 from quant_release.atomic import write_text_atomic
-from quant_release.checks import check_fp8_gemm, check_options, check_state_dir
+from quant_release.checks import check_fp8_gemm, check_options, check_quant_scheme, check_state_dir
 from quant_release.config import ReleaseConfig, Settings
 from quant_release.engines import check_available, resolve_engine
 from quant_release.environment import package_versions, resolved_device
@@ -69,9 +69,11 @@ def preflight(config: ReleaseConfig, settings: Settings, progress: Progress) -> 
         print(f"quant-release: warning: {warning}", file=sys.stderr)
     device = resolved_device(config.engine.device)
     engine = resolve_engine(config.engine.kind, device)
-    if any(spec.uses_engine for spec in STAGE_TABLE if spec.name in needed):
+    engine_needed = any(spec.uses_engine for spec in STAGE_TABLE if spec.name in needed)
+    if engine_needed:
         check_available(engine, device)
         check_fp8_gemm(config, device)
+    check_quant_scheme(config, engine, engine_needed, "quantize" in needed)
     dataset = None
     if "evaluate" in needed:
         dataset = mmlu_data.load_mmlu(config.mmlu.data)

@@ -12,7 +12,9 @@ import os
 import tempfile
 from pathlib import Path
 
+from quant_release import schemes
 from quant_release.config import ReleaseConfig, Settings, flag_for
+from quant_release.engines import unsupported_format
 from quant_release.errors import ConfigError, EngineUnavailableError
 from quant_release.records import CheckedSource
 from quant_release.stages import enabled, stage
@@ -98,6 +100,28 @@ def check_options(config: ReleaseConfig, checked: CheckedSource) -> list[str]:
                 f"{longest} tokens exceeds the model's context of {checked.context_length}"
             )
     return warnings
+
+
+def check_quant_scheme(config: ReleaseConfig, engine: str, engine_needed: bool, quantize_needed: bool) -> None:
+    """The scheme and KV format can be run by what will run them: the chosen engine (build, evaluate,
+    benchmark) and the built-in engine's loader (quantize's fidelity figures). Refused here, in one line,
+    not after calibration or when the build stage loads the checkpoint."""
+    quant = config.quantization
+    quant_algo, kv_algo = schemes.exported_algos(quant.algorithm, quant.kv_cache_qformat)
+    asked = f"{flag_for(('quantization', 'algorithm'))} {quant.algorithm}" + (
+        f" with {flag_for(('quantization', 'kv_cache_qformat'))} {quant.kv_cache_qformat}"
+        if kv_algo is not None
+        else ""
+    )
+    checks = []
+    if engine_needed:
+        checks.append((engine, "choose another scheme or --engine"))
+    if quantize_needed and quant.fidelity_tokens > 0:
+        checks.append(("builtin", "quantize measures fidelity with it; --fidelity-tokens 0 skips that"))
+    for kind, hint in checks:
+        problem = unsupported_format(kind, quant_algo, kv_algo)
+        if problem is not None:
+            raise ConfigError(f"{asked} exports quant_algo {quant_algo}: {problem} ({hint})")
 
 
 def check_fp8_gemm(config: ReleaseConfig, device: str) -> None:

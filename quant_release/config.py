@@ -19,7 +19,7 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from quant_release import calibration
+from quant_release import calibration, schemes
 from quant_release.engines import AUTO, AUTO_ORDER, ENGINES, BuiltinOptions, TensorrtLlmOptions, VllmOptions
 from quant_release.errors import SECRET_WORDS, ConfigError
 from quant_release.stages import STAGES, StageName
@@ -65,10 +65,18 @@ class SourceConfig(_Section):
 class QuantizationConfig(_Section):
     """FP8 post-training quantization with nvidia-modelopt."""
 
-    algorithm: Literal["fp8"] = Field(
+    # The scheme; choices and texts from quant_release/schemes.py (tests check the two agree).
+    algorithm: Literal["fp8", "fp8_pc_pt"] = Field(
         "fp8",
-        description="fp8: W8A8 per-tensor E4M3, static scales (modelopt FP8_DEFAULT_CFG)",
-        json_schema_extra=_cli("--quant-algo"),
+        description="quantization scheme (hf_ptq.py's qformat). "
+        + "; ".join(f"{s.name}: {s.description}" for s in schemes.SCHEMES.values()),
+        json_schema_extra=_cli("--quant-algo", aliases=["--qformat"]),
+    )
+    kv_cache_qformat: Literal["none", "fp8"] = Field(
+        "none",
+        description="KV-cache quantization (named as hf_ptq.py's kv_cache_qformat). none: BF16 cache; "
+        + "; ".join(f"{s.name}: {s.description}" for s in schemes.KV_CACHE_FORMATS.values()),
+        json_schema_extra=_cli("--kv-cache-qformat"),
     )
     calib_dataset: str = Field(
         calibration.AUTO,

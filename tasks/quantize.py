@@ -1,8 +1,11 @@
 """quantize: FP8 post-training quantization with nvidia-modelopt, exported as a unified HF checkpoint.
 
-W8A8, per-tensor E4M3 with static scales (`mtq.FP8_DEFAULT_CFG`): weight scales from the weights,
-activation scales from max-calibration on real text. `export_hf_checkpoint` writes the format that
-TensorRT-LLM, vLLM and SGLang load (`hf_quant_config.json`, `quantization_config` in config.json).
+The scheme (quant_release/schemes.py) picks modelopt's config: `fp8` is W8A8 per-tensor E4M3 with static
+scales (`mtq.FP8_DEFAULT_CFG`: weight scales from the weights, activation scales from max-calibration on
+real text); `fp8_pc_pt` has per-output-channel weight scales and dynamic per-token activations
+(`FP8_PER_CHANNEL_PER_TOKEN_CFG`); `kv_cache_qformat fp8` adds `FP8_KV_CFG`'s K/V quantizers, calibrated
+with the rest. `export_hf_checkpoint` writes the format that TensorRT-LLM, vLLM and SGLang load
+(`hf_quant_config.json`, `quantization_config` in config.json); the stage checks it declares what was asked.
 The export writes no tokenizer, so the tokenizer files are copied from the source.
 
 Then the exported files are read back and scored against the original on held-out text
@@ -14,13 +17,14 @@ override are not in the cache key: changing them re-checks the stored figures, n
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
-from quant_release import calibration, fidelity, textdata
+from quant_release import calibration, fidelity, schemes, textdata
 from quant_release.config import QuantizationConfig
 from quant_release.errors import ConfigError, QuantReleaseError
 from quant_release.hashing import digest_dir, fingerprint, tensor_shapes
@@ -43,7 +47,6 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
-QUANT_CONFIGS = {"fp8": "FP8_DEFAULT_CFG"}
 # Checked on the stored record every run (StageRunner's `accept`), so not part of the key.
 GATE_FIELDS = {"max_ppl_increase", "override_fidelity_gate"}
 CPU_AUTO_BATCH = 8  # batch_size 0 on a CPU: no memory probe there, and larger batches do not run faster
@@ -62,6 +65,35 @@ def cache_inputs(config: QuantizationConfig, calib_dataset: str, source: ModelSo
         "calib_identity": calibration.source(calib_dataset).identity(),
         "device": device,
     }
+
+
+def modelopt_config(config: QuantizationConfig) -> dict[str, Any]:
+    """modelopt's quant config for the scheme, with the KV-cache format's quantizers appended.
+
+    Appended, as hf_ptq.py does: `quant_cfg` is an ordered list of entries and later entries win, so the
+    scheme's leading `"*": disabled` entry does not switch the `[kv]_bmm_quantizer`s back off.
+    A deep copy: modelopt's module-level dicts must not change under other callers.
+    """
+    import modelopt.torch.quantization as mtq
+
+    cfg: dict[str, Any] = copy.deepcopy(getattr(mtq, schemes.SCHEMES[config.algorithm].modelopt_config))
+    if config.kv_cache_qformat != schemes.NO_KV_QUANT:
+        kv = getattr(mtq, schemes.KV_CACHE_FORMATS[config.kv_cache_qformat].modelopt_config)
+        cfg["quant_cfg"] = list(cfg["quant_cfg"]) + copy.deepcopy(list(kv["quant_cfg"]))
+    return cfg
+
+
+def check_export(config: QuantizationConfig, quant: dict[str, Any]) -> None:
+    """The export declares the scheme and KV format that were asked for (a modelopt upgrade that exports
+    something else must not be published under the old name)."""
+    expected = schemes.exported_algos(config.algorithm, config.kv_cache_qformat)
+    got = (quant.get("quant_algo"), quant.get("kv_cache_quant_algo"))
+    if got != expected:
+        raise QuantReleaseError(
+            f"modelopt exported quant_algo {got[0]!r}, kv_cache_quant_algo {got[1]!r} for scheme "
+            f"{config.algorithm} with kv_cache_qformat {config.kv_cache_qformat}; expected {expected[0]!r}, "
+            f"{expected[1]!r}"
+        )
 
 
 def calibration_windows(
@@ -136,7 +168,7 @@ def run_quantize(
                 calibrated(torch.tensor(batch, device=torch_device))
                 progress.step("quantize", "calibration batches", done, len(batches))
 
-    mtq.quantize(model, getattr(mtq, QUANT_CONFIGS[config.algorithm]), forward_loop)
+    mtq.quantize(model, modelopt_config(config), forward_loop)
     checkpoint_dir = out_dir / "checkpoint"
     progress.note("quantize", "exporting unified HF checkpoint")
     with torch.inference_mode():
@@ -148,6 +180,7 @@ def run_quantize(
     # From here on only the files count: the in-memory model must not leak into the fidelity figures.
     del model
     quant = json.loads((checkpoint_dir / "hf_quant_config.json").read_text())["quantization"]
+    check_export(config, quant)
     files = digest_dir(checkpoint_dir)
     report = measure_fidelity(config, source.model_dir, checkpoint_dir, device, eos, tokenizer, progress)
     return QuantizedCheckpoint(

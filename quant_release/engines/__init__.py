@@ -19,6 +19,7 @@ import importlib.util
 from dataclasses import dataclass
 
 from quant_release.engines.base import BenchmarkRequest, BenchmarkWorkload, EngineBackend, LoadedEngine, StepCallback
+from quant_release.engines.checkpoint import BUILTIN_KV_CACHE_QUANT_ALGOS, BUILTIN_QUANT_ALGOS
 from quant_release.engines.options import BuiltinOptions, EngineOptions, TensorrtLlmOptions, VllmOptions
 from quant_release.errors import EngineUnavailableError
 
@@ -33,6 +34,10 @@ class EngineSpec:
     packages: tuple[str, ...]  # distributions whose versions shape them
     requires: tuple[str, ...] = ()  # modules that must be installed (checked in preflight, not imported)
     devices: tuple[str, ...] = ("cpu", "cuda")  # devices it runs on
+    # Checkpoint formats it runs, as modelopt's export names them (quant_algo, kv_cache_quant_algo):
+    # preflight refuses a scheme outside them before anything is calibrated.
+    quant_algos: tuple[str, ...] = ("FP8",)
+    kv_cache_quant_algos: tuple[str, ...] = ()
 
 
 ENGINES: dict[str, EngineSpec] = {}
@@ -64,6 +69,17 @@ def check_available(kind: str, device: str) -> None:
     missing = [module for module in spec.requires if importlib.util.find_spec(module) is None]
     if missing:
         raise EngineUnavailableError(f"engine {kind} needs {', '.join(missing)}, which is not installed here")
+
+
+def unsupported_format(kind: str, quant_algo: str, kv_cache_quant_algo: str | None) -> str | None:
+    """Why engine `kind` cannot run a checkpoint exported with these algorithms, or None when it can."""
+    spec = engine_spec(kind)
+    if quant_algo not in spec.quant_algos:
+        return f"engine {kind} runs quant_algo {', '.join(spec.quant_algos)}, not {quant_algo}"
+    if kv_cache_quant_algo is not None and kv_cache_quant_algo not in spec.kv_cache_quant_algos:
+        runs = ", ".join(spec.kv_cache_quant_algos) or "none"
+        return f"engine {kind} runs KV-cache quantization {runs}, not {kv_cache_quant_algo}"
+    return None
 
 
 # `--engine auto`: the first of these that is installed and runs on the device (builtin always does).
@@ -108,6 +124,8 @@ register(
         ),
         packages=("torch", "transformers", "safetensors", "triton"),
         requires=("torch", "transformers", "safetensors"),
+        quant_algos=BUILTIN_QUANT_ALGOS,
+        kv_cache_quant_algos=BUILTIN_KV_CACHE_QUANT_ALGOS,
     )
 )
 register(
@@ -120,6 +138,9 @@ register(
         packages=("tensorrt_llm", "torch", "transformers"),
         requires=("tensorrt_llm",),
         devices=("cuda",),
+        # TensorRT-LLM's QuantAlgo has both FP8 formats and an FP8 KV cache.
+        quant_algos=("FP8", "FP8_PER_CHANNEL_PER_TOKEN"),
+        kv_cache_quant_algos=("FP8",),
     )
 )
 register(
@@ -132,6 +153,10 @@ register(
         packages=("vllm", "torch", "transformers"),
         requires=("vllm",),
         devices=("cuda",),
+        # vLLM's `modelopt` method: FP8, and FP8_PER_CHANNEL_PER_TOKEN in releases whose algorithm list has
+        # it (older ones refuse it when the checkpoint is loaded); an FP8 KV cache from k_scale/v_scale.
+        quant_algos=("FP8", "FP8_PER_CHANNEL_PER_TOKEN"),
+        kv_cache_quant_algos=("FP8",),
     )
 )
 
@@ -154,4 +179,5 @@ __all__ = [
     "get_backend",
     "register",
     "resolve_engine",
+    "unsupported_format",
 ]

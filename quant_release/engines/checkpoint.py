@@ -14,6 +14,11 @@ from typing import Any
 
 from quant_release.errors import QuantReleaseError
 
+# What the built-in engine computes faithfully (modelopt's exported names). Here, not in llama.py, so that
+# the engine registry and preflight can read them without importing torch.
+BUILTIN_QUANT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")
+BUILTIN_KV_CACHE_QUANT_ALGOS = ("FP8",)
+
 
 class CheckpointError(QuantReleaseError):
     """The checkpoint is not one the engine can load faithfully."""

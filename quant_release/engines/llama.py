@@ -25,14 +25,22 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from quant_release.engines.checkpoint import CheckpointError, QuantSpec, read_config, read_quant_spec, shard_files
+from quant_release.engines.checkpoint import (
+    BUILTIN_KV_CACHE_QUANT_ALGOS,
+    BUILTIN_QUANT_ALGOS,
+    CheckpointError,
+    QuantSpec,
+    read_config,
+    read_quant_spec,
+    shard_files,
+)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
 # Dynamic per-token scales never go below this: an all-zero row must not divide by zero.
 MIN_DYNAMIC_SCALE = 1e-12
 GemmMode = Literal["scaled_mm", "emulated"]
-SUPPORTED_QUANT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")
+SUPPORTED_QUANT_ALGOS = BUILTIN_QUANT_ALGOS
 
 
 # -- shape --------------------------------------------------------------------------------------------
@@ -219,7 +227,7 @@ def read_builtin_quant_spec(checkpoint_dir: Path) -> QuantSpec:
             f"{checkpoint_dir}: quant_algo is {spec.quant_algo!r}; the built-in engine runs "
             f"{', '.join(SUPPORTED_QUANT_ALGOS)}"
         )
-    if spec.kv_cache_quant_algo not in (None, "FP8"):
+    if spec.kv_cache_quant_algo is not None and spec.kv_cache_quant_algo not in BUILTIN_KV_CACHE_QUANT_ALGOS:
         raise CheckpointError(
             f"{checkpoint_dir}: KV-cache quantization {spec.kv_cache_quant_algo!r} is not supported by the "
             "built-in engine (FP8 or none); serve it with TensorRT-LLM or vLLM"

@@ -211,6 +211,18 @@ def test_front_matter_parses_and_model_index_holds_exact_accuracies() -> None:
     assert "datasets" not in meta
 
 
+def test_card_describes_the_scheme_the_checkpoint_was_exported_with() -> None:
+    per_tensor = modelcard.render(_inputs())
+    assert "per-tensor static scales (`FP8`)" in per_tensor and "| KV cache | not quantized (BF16) |" in per_tensor
+    pc_pt = _checkpoint().model_copy(update={"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN", "kv_cache_quant_algo": "FP8"})
+    card = modelcard.render(_inputs(checkpoint=pc_pt))
+    assert "per-tensor" not in card
+    assert (
+        "per-output-channel weight scales and dynamic per-token activation scales (`FP8_PER_CHANNEL_PER_TOKEN`)" in card
+    )
+    assert "| KV cache | FP8 (E4M3 keys and values, per-layer static scales) |" in card
+
+
 def test_model_index_names_the_hub_dataset_only_when_it_was_read() -> None:
     inputs = _inputs()
     assert inputs.mmlu is not None

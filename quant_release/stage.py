@@ -14,6 +14,7 @@ without importing Prefect until a flow run calls it.
 
 from __future__ import annotations
 
+import functools
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -247,7 +248,13 @@ class StageTask(Generic[R_co]):
             from prefect.cache_policies import NO_CACHE
 
             # Our own cache (StageRunner) decides what is reused; Prefect neither caches nor persists.
-            self._prefect_task = task(name=self.name, cache_policy=NO_CACHE, persist_result=False)(self._as_task)
+            # Prefect keys a task by its function's qualified name and source: each stage's task wears its
+            # own function's (`quantize_task`), not the shared `_as_task`, so the UI tells them apart.
+            def body(ctx: RunContext) -> Any:
+                return self._as_task(ctx)
+
+            functools.update_wrapper(body, self.fn)
+            self._prefect_task = task(name=self.name, cache_policy=NO_CACHE, persist_result=False)(body)
         result = self._prefect_task(ctx)
         # A task that returned a State (a reused stage, below) hands that State back to its caller.
         record: R_co = result.result() if isinstance(result, State) else result

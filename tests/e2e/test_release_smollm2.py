@@ -140,7 +140,7 @@ def test_mlflow_has_a_parent_run_with_six_nested_stage_runs(
     # Comparison metrics are on the parent only; a stage run keeps its own time and memory.
     assert {"seconds", "peak_rss_bytes"} <= set(by_stage["evaluate"].data.metrics)
     assert "mmlu/fp8" not in by_stage["evaluate"].data.metrics
-    assert by_stage["quantize"].data.params["calib_samples"] == "16"  # a stage logs its cache inputs
+    assert by_stage["quantize"].data.params["calib_size"] == "16"  # a stage logs its cache inputs
     assert {a.path for a in client.list_artifacts(by_stage["quantize"].info.run_id)} == {"record.json"}
     assert {"summary.json", "throughput_latency.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
@@ -197,8 +197,8 @@ def test_model_card_numbers_equal_the_summary(summary: dict[str, Any]) -> None:
     card = Path(summary["artifacts"]["model_card"]).read_text()
     meta = parse_front_matter(card)
     metrics = {m["name"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
-    assert metrics["MMLU accuracy (FP8)"] == summary["metrics"]["mmlu_fp8"]
-    assert metrics["MMLU accuracy (BF16 baseline)"] == summary["metrics"]["mmlu_bf16"]
+    # model-index holds the FP8 model's own result; the BF16 baseline is in the prose table (below).
+    assert metrics == {"MMLU accuracy (FP8)": summary["metrics"]["mmlu_fp8"]}
     assert meta["license"] == "apache-2.0"
     m = summary["metrics"]
     assert f"**{100 * m['mmlu_bf16']:.2f}%** | **{100 * m['mmlu_fp8']:.2f}%**" in card

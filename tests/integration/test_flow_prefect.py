@@ -329,7 +329,14 @@ def test_failing_stage_is_recorded_everywhere(setup: FlowSetup, first: Invocatio
     checkpoint = Path(first.summary["artifacts"]["checkpoint_dir"])
     weights = checkpoint / "model.safetensors"
     original = weights.read_bytes()
-    # Same size, garbage content: the cache's size check passes, loading the weights in build fails.
+    # Same size, garbage content, in a result written before integrity stamps existed (stamp removed):
+    # only its sizes are checked on reuse, so quantize is reused and loading the weights in build fails.
+    # (With its stamp the same corruption re-runs quantize: tests/integration/test_cache_trust.py.)
+    stamp = (
+        setup.state_dir / "stages" / "quantize" / first.summary["stages"]["quantize"]["cache_key"] / "integrity.json"
+    )
+    stamp_text = stamp.read_text()
+    stamp.unlink()
     weights.write_bytes(b"\xff" * len(original))
     try:
         summary_path = setup.work / "failed-summary.json"
@@ -342,6 +349,7 @@ def test_failing_stage_is_recorded_everywhere(setup: FlowSetup, first: Invocatio
         )
     finally:
         weights.write_bytes(original)
+        stamp.write_text(stamp_text)
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("quant-release: error: ")

@@ -111,9 +111,12 @@ def resolve(requested: str, endpoint: str) -> str:
                 f"choose another with --calib-dataset ({', '.join(choices())})"
             )
         return chosen.name
-    for name in auto_order():
-        if SOURCES[name].available(endpoint):
-            return name
+    from quant_release.netlimits import single_attempt
+
+    with single_attempt():  # a probe: an absent Hub means "next source", not a retry with backoff
+        for name in auto_order():
+            if SOURCES[name].available(endpoint):
+                return name
     raise ConfigError("calib_dataset=auto: no calibration source is available; choose one with --calib-dataset")
 
 

@@ -119,3 +119,18 @@ def test_a_non_idempotent_request_is_not_repeated_on_5xx(hub: HubServer) -> None
     with pytest.raises(HfHubHTTPError):
         HfApi(endpoint=hub.endpoint, token=hub.token).create_repo(hub.new_repo_id("no-retry"), private=True)
     assert _faults(hub)["seen"] == 1
+
+
+def test_a_probe_is_a_single_attempt(hub: HubServer) -> None:
+    """Resolving `--calib-dataset auto` asks whether the Hub is there: an absent or failing Hub means
+    "take the next source", so the probe is not retried with backoff."""
+    from quant_release.calibration.hub_dataset import hub_dataset_reachable
+    from quant_release.netlimits import single_attempt
+
+    _faults(hub, pattern=r"^/api/datasets/", status=503, count=100)
+    with single_attempt():
+        assert not hub_dataset_reachable("abisee/cnn_dailymail", hub.endpoint)
+    assert _faults(hub)["seen"] == 1
+    # Outside a probe the same request is retried as usual.
+    assert not hub_dataset_reachable("abisee/cnn_dailymail", hub.endpoint)
+    assert _faults(hub)["seen"] == 1 + 4

@@ -70,6 +70,15 @@ class MetricFamily(Generic[R]):
         return re.fullmatch(pattern, key) is not None
 
 
+def _fidelity(field: str) -> Callable[[QuantizedCheckpoint], float | None]:
+    """A figure of the checkpoint's fidelity report; None when fidelity was not measured."""
+
+    def value(r: QuantizedCheckpoint) -> float | None:
+        return float(getattr(r.fidelity, field)) if r.fidelity else None
+
+    return value
+
+
 def _per_variant(
     key: str, value: Callable[[ThroughputMeasurement], float], label: str, fmt: str
 ) -> tuple[Metric[ThroughputResult], ...]:
@@ -160,7 +169,7 @@ VOCABULARY: tuple[Metric[Any], ...] = (
     Metric(
         "quantize/ppl_bf16",
         QuantizedCheckpoint,
-        lambda r: r.fidelity.ppl_bf16 if r.fidelity else None,
+        _fidelity("ppl_bf16"),
         "Held-out perplexity",
         ".3f",
         summary="ppl_bf16",
@@ -169,7 +178,7 @@ VOCABULARY: tuple[Metric[Any], ...] = (
     Metric(
         "quantize/ppl_fp8",
         QuantizedCheckpoint,
-        lambda r: r.fidelity.ppl_fp8 if r.fidelity else None,
+        _fidelity("ppl_fp8"),
         "Held-out perplexity",
         ".3f",
         summary="ppl_fp8",
@@ -178,7 +187,7 @@ VOCABULARY: tuple[Metric[Any], ...] = (
     Metric(
         "quantize/kl_bf16_fp8",
         QuantizedCheckpoint,
-        lambda r: r.fidelity.kl_bf16_fp8 if r.fidelity else None,
+        _fidelity("kl_bf16_fp8"),
         "KL(BF16 || FP8), nats/token",
         ".4f",
         summary="quant_kl",
@@ -187,7 +196,7 @@ VOCABULARY: tuple[Metric[Any], ...] = (
     Metric(
         "quantize/ppl_fp32",
         QuantizedCheckpoint,
-        lambda r: r.fidelity.ppl_fp32 if r.fidelity else None,
+        _fidelity("ppl_fp32"),
         "held-out perplexity (fp32 reference)",
         ".3f",
         summary="ppl_fp32",
@@ -195,7 +204,7 @@ VOCABULARY: tuple[Metric[Any], ...] = (
     Metric(
         "quantize/kl_fp32_bf16",
         QuantizedCheckpoint,
-        lambda r: r.fidelity.kl_fp32_bf16 if r.fidelity else None,
+        _fidelity("kl_fp32_bf16"),
         "KL(fp32 || BF16), the noise floor",
         ".4f",
         summary="kl_fp32_bf16",
@@ -203,7 +212,7 @@ VOCABULARY: tuple[Metric[Any], ...] = (
     Metric(
         "quantize/kl_fp32_fp8",
         QuantizedCheckpoint,
-        lambda r: r.fidelity.kl_fp32_fp8 if r.fidelity else None,
+        _fidelity("kl_fp32_fp8"),
         "KL(fp32 || FP8)",
         ".4f",
         summary="kl_fp32_fp8",
@@ -211,28 +220,28 @@ VOCABULARY: tuple[Metric[Any], ...] = (
     Metric(
         "quantize/top1_bf16_vs_fp32",
         QuantizedCheckpoint,
-        lambda r: r.fidelity.top1_bf16_vs_fp32 if r.fidelity else None,
+        _fidelity("top1_bf16_vs_fp32"),
         "top-1 agreement BF16 vs fp32",
         ".2%",
     ),
     Metric(
         "quantize/top1_fp8_vs_fp32",
         QuantizedCheckpoint,
-        lambda r: r.fidelity.top1_fp8_vs_fp32 if r.fidelity else None,
+        _fidelity("top1_fp8_vs_fp32"),
         "top-1 agreement FP8 vs fp32",
         ".2%",
     ),
     Metric(
         "quantize/top1_fp8_vs_bf16",
         QuantizedCheckpoint,
-        lambda r: r.fidelity.top1_fp8_vs_bf16 if r.fidelity else None,
+        _fidelity("top1_fp8_vs_bf16"),
         "top-1 agreement FP8 vs BF16 (exported files, emulated)",
         ".2%",
     ),
     Metric(
         "quantize/fidelity_tokens",
         QuantizedCheckpoint,
-        lambda r: r.fidelity.tokens if r.fidelity else None,
+        _fidelity("tokens"),
         "held-out tokens scored",
         "d",
     ),

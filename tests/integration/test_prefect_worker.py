@@ -150,14 +150,34 @@ def _wait(deployed: Deployed, flow_run_id: str, timeout: float = 540) -> dict[st
     raise AssertionError(f"flow run {flow_run_id} did not finish in {timeout:.0f} s: {run['state_type']}")
 
 
-def _logs(deployed: Deployed, flow_run_id: str) -> list[str]:
-    logs = _api(
-        deployed.prefect,
-        "POST",
-        "/logs/filter",
-        {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200},
-    )
-    return [log["message"] for log in logs]
+def _logs(deployed: Deployed, flow_run_id: str, timeout: float = 60) -> list[str]:
+    """The run's log messages, oldest first, once its last line (the publish stage's) has arrived.
+
+    Prefect ships logs in batches from a background thread and flushes the last batch when the flow-run process
+    exits, after the run is already COMPLETED; so the newest lines reach the server a few seconds late, in the UI
+    as here. Waiting for them (not reading once) keeps the test true on a slow CI machine.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        messages: list[str] = []
+        while True:  # page through: the server caps one answer at 200 lines
+            page = _api(
+                deployed.prefect,
+                "POST",
+                "/logs/filter",
+                {
+                    "logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                    "sort": "TIMESTAMP_ASC",
+                    "limit": 200,
+                    "offset": len(messages),
+                },
+            )
+            messages += [log["message"] for log in page]
+            if len(page) < 200:
+                break
+        if any(m.startswith("[publish] ") for m in messages) or time.monotonic() > deadline:
+            return messages
+        time.sleep(1)
 
 
 def _artifacts(deployed: Deployed, flow_run_id: str) -> dict[str, dict[str, Any]]:

@@ -3,6 +3,7 @@
     python benchmarks/engine_speed.py --shape llama-3.1-8b --out benchmarks/results/engine_speed-h200.json
     python benchmarks/engine_speed.py --shape tiny --out /tmp/tiny.json        # CPU smoke run (eager)
     python benchmarks/engine_speed.py --variant fp8 --variant fp8_kv --out ...  # FP8 with an FP8 KV cache
+    python benchmarks/engine_speed.py --variant fp8 --variant fp8_pc_pt --out ...  # the per-channel scheme
 
 The weights are random (normal, std 0.02, as transformers initializes a Llama) and go through the
 engine's own loader in the layout modelopt exports (FP8 E4M3 weights with per-tensor `weight_scale`,
@@ -50,6 +51,7 @@ from quant_release.engines.llama import (  # noqa: E402
     QuantSpec,
     apply_rope,
     build_weights,
+    quantize_per_token,
     quantize_static,
 )
 from quant_release.engines.runtime import LlamaRuntime, RuntimeOptions, apply_linear, linear_args  # noqa: E402
@@ -87,11 +89,17 @@ def config_for(shape: dict[str, int]) -> dict[str, Any]:
 
 
 def random_checkpoint(
-    shape: dict[str, int], device: torch.device, fp8: bool, seed: int = 0, kv_cache: bool = False
+    shape: dict[str, int],
+    device: torch.device,
+    fp8: bool,
+    seed: int = 0,
+    kv_cache: bool = False,
+    per_channel: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Tensors named and typed as transformers (BF16) or modelopt's FP8 export would write them.
 
     `kv_cache`: with the per-layer `k_scale` / `v_scale` of an FP8 KV cache (`kv_cache_quant_algo: FP8`).
+    `per_channel`: `FP8_PER_CHANNEL_PER_TOKEN` (weight scale per output channel, no `input_scale`).
     """
     gen = torch.Generator(device=device).manual_seed(seed)
     h, i, kv_dim = shape["hidden"], shape["inter"], shape["kv"] * (shape["hidden"] // shape["heads"])
@@ -128,6 +136,11 @@ def random_checkpoint(
             if not fp8:
                 tensors[f"{key}.weight"] = weight
                 continue
+            if per_channel:  # fp8_pc_pt: one scale per output channel, activations quantized per token
+                scale = weight.float().abs().amax(dim=1, keepdim=True) / FP8_MAX
+                tensors[f"{key}.weight"] = (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+                tensors[f"{key}.weight_scale"] = scale.reshape(-1)
+                continue
             scale = weight.float().abs().amax() / FP8_MAX
             tensors[f"{key}.weight"] = (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
             tensors[f"{key}.weight_scale"] = scale.reshape(())
@@ -141,9 +154,11 @@ def random_checkpoint(
 def load(shape: dict[str, int], device: torch.device, variant: str) -> LlamaWeights:
     fp8 = variant.startswith("fp8")
     kv_cache = variant.startswith("fp8_kv")
-    spec = QuantSpec("FP8", "FP8" if kv_cache else None, ("lm_head",), "benchmark") if fp8 else None
+    per_channel = variant == "fp8_pc_pt"
+    algo = "FP8_PER_CHANNEL_PER_TOKEN" if per_channel else "FP8"
+    spec = QuantSpec(algo, "FP8" if kv_cache else None, ("lm_head",), "benchmark") if fp8 else None
     gemm = ("scaled_mm" if device.type == "cuda" else "emulated") if fp8 else None
-    source = InMemoryTensors(random_checkpoint(shape, device, fp8, kv_cache=kv_cache))
+    source = InMemoryTensors(random_checkpoint(shape, device, fp8, kv_cache=kv_cache, per_channel=per_channel))
     return build_weights(config_for(shape), source, device, gemm, spec)  # type: ignore[arg-type]
 
 
@@ -258,14 +273,20 @@ def check_attention(device: torch.device, heads: int, kv_heads: int, head_dim: i
 
 
 def check_fp8_gemm(weights: LlamaWeights, device: torch.device) -> float:
-    """One FP8 projection (o_proj, per-tensor) against exact fp32 W8A8 math with the stored scales."""
+    """One FP8 projection (o_proj) against exact fp32 W8A8 math with the stored scales: a static per-tensor
+    input scale, or (fp8_pc_pt) per-token input scales and per-channel weight scales."""
     layer = weights.layers[0].o
     args = linear_args(layer)
     x = torch.randn(64, weights.shape.hidden, device=device, dtype=torch.bfloat16)
     got = apply_linear(x, args)
-    assert not isinstance(layer, torch.Tensor) and layer.input_scale is not None
-    x_q = quantize_static(x, layer.input_scale).float() * layer.input_scale
-    w = layer.weight.float() * layer.weight_scale
+    assert not isinstance(layer, torch.Tensor)
+    if layer.input_scale is None:
+        x_q8, row_scale = quantize_per_token(x)
+        x_q = x_q8.float() * row_scale
+    else:
+        x_q = quantize_static(x, layer.input_scale).float() * layer.input_scale
+    scale = layer.weight_scale[:, None] if layer.weight_scale.dim() == 1 else layer.weight_scale
+    w = layer.weight.float() * scale
     return rel_error(got, x_q @ w.t())
 
 
@@ -575,8 +596,18 @@ def main() -> None:
     parser.add_argument(
         "--variant",
         action="append",
-        choices=["bf16", "fp8", "fp8_fast_accum", "bf16_autotune", "fp8_autotune", "fp8_kv", "fp8_kv_fast_accum"],
-        help="default: bf16 and fp8; fp8_kv*: FP8 with an FP8 KV cache",
+        choices=[
+            "bf16",
+            "fp8",
+            "fp8_fast_accum",
+            "bf16_autotune",
+            "fp8_autotune",
+            "fp8_kv",
+            "fp8_kv_fast_accum",
+            "fp8_pc_pt",
+        ],
+        help="default: bf16 and fp8; fp8_kv*: FP8 with an FP8 KV cache; fp8_pc_pt: per-channel weights, per-token "
+        "activations",
     )
     parser.add_argument("--tokenizer", type=Path, help="a tokenizer dir, for --stage-sweep and --mmlu")
     parser.add_argument(

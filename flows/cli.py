@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from flows.plan import add_machine_options
 from quant_release import __version__
 from quant_release.config import ReleaseConfig, build_config, load_config_file
 from quant_release.errors import ConfigError, QuantReleaseError, error_message
@@ -178,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         _common_options(sub)
+    plan = commands.add_parser(
+        "plan",
+        help="print the memory each stage needs per GPU, on the host and on disk; exit 2 if it cannot fit",
+        description="From the model's config alone (no weights are downloaded): each stage's peak GPU memory "
+        "per GPU, host memory and disk, where calibration places the model (one GPU, split over GPUs, or "
+        "offloaded), and whether it fits this machine or the one --gpus/--gpu-memory/--host-memory describe. "
+        "--model may also be a bare config.json. Every run checks the same plan at preflight.",
+        epilog=ENVIRONMENT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common_options(plan)
+    add_machine_options(plan)
     show = commands.add_parser(
         "config",
         help="print the effective configuration as YAML (or its JSON schema)",
@@ -262,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except ConfigError as exc:
         return _fail(str(exc), exc.exit_code)
+    if args.command == "plan":
+        return _plan(config, args)
     if args.command == "config":
         if args.schema:
             import json
@@ -282,6 +297,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(str(exc), exc.exit_code)
     _prepare_environment(args)
     return _run(config, args)
+
+
+def _plan(config: ReleaseConfig, args: argparse.Namespace) -> int:
+    from flows.plan import plan_command
+
+    try:
+        text, plan = plan_command(config, args)
+    except ConfigError as exc:
+        return _fail(str(exc), exc.exit_code)
+    print(text)
+    return ConfigError.exit_code if plan.problems else 0
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
@@ -28,9 +29,10 @@ from quant_release.checks import check_fp8_gemm, check_options, check_quant_sche
 from quant_release.config import ReleaseConfig, Settings
 from quant_release.engines import check_available, resolve_engine
 from quant_release.environment import package_versions, resolved_device
-from quant_release.errors import error_message, redact
+from quant_release.errors import ConfigError, error_message, redact
+from quant_release.plan import Machine, Plan, format_bytes, plan_for_config
 from quant_release.progress import Progress
-from quant_release.records import MmluResult, Record, Release, StageReport
+from quant_release.records import CheckedSource, MmluResult, Record, Release, StageReport
 from quant_release.signals import is_interrupt
 from quant_release.stage import Preflight, RunContext, StageRunner, StageTask
 from quant_release.stages import STAGE_TABLE, STAGES, StageName, enabled, needed_stages
@@ -74,6 +76,7 @@ def preflight(config: ReleaseConfig, settings: Settings, progress: Progress) -> 
         check_available(engine, device)
         check_fp8_gemm(config, device)
     check_quant_scheme(config, engine, engine_needed, "quantize" in needed)
+    memory_plan = check_memory_plan(config, checked, device, engine, needed, progress)
     dataset = None
     if "evaluate" in needed:
         dataset = mmlu_data.load_mmlu(config.mmlu.data)
@@ -94,7 +97,38 @@ def preflight(config: ReleaseConfig, settings: Settings, progress: Progress) -> 
         store=store,
         tracking_uri=tracking_uri,
         mmlu_dataset=dataset,
+        memory_plan=memory_plan,
     )
+
+
+def check_memory_plan(
+    config: ReleaseConfig,
+    checked: CheckedSource,
+    device: str,
+    engine: str,
+    needed: AbstractSet[str],
+    progress: Progress,
+) -> Plan | None:
+    """The memory plan for the stages that run (quant_release/plan.py); ConfigError when it cannot fit, before
+    anything is downloaded. None when the source's header states no shape."""
+    if checked.shape is None or not needed & {"download", "quantize", "build", "evaluate", "benchmark"}:
+        return None
+    memory_plan = plan_for_config(checked.shape, config, Machine.detect(device), needed, engine)
+    if memory_plan.problems:
+        raise ConfigError(
+            f"{checked.name} does not fit this machine: {memory_plan.problems[0]} "
+            "(`quant-release plan` shows every stage's need)"
+        )
+    peaks = []
+    for step in memory_plan.stage_peaks().values():
+        if step.stage == "download":
+            peaks.append(f"download {format_bytes(step.disk_bytes)} on disk")
+        elif step.gpus:
+            peaks.append(f"{step.stage} {format_bytes(max(step.gpu_bytes))} x {step.gpus} GPU")
+        else:
+            peaks.append(f"{step.stage} host {format_bytes(step.host_bytes)}")
+    progress.note("preflight", f"memory plan ({checked.shape.params / 1e9:.2f}B parameters): {'; '.join(peaks)}")
+    return memory_plan
 
 
 def run_release(config: ReleaseConfig, settings: Settings, run_id: str, progress: Progress) -> RunSummary:

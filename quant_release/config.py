@@ -119,6 +119,14 @@ class QuantizationConfig(_Section):
         json_schema_extra=_cli("--batch-size", aliases=["--calib-batch-size"]),
     )
     seed: int = Field(0, description="seed for calibration sampling", json_schema_extra=_cli("--calib-seed"))
+    max_gpu_memory: str | None = Field(
+        None,
+        description=(
+            "cap on each GPU's memory for calibration, e.g. 60GiB (as accelerate's max_memory): the BF16 model "
+            "is split over the visible GPUs and what does not fit is offloaded to host memory; default: all of it"
+        ),
+        json_schema_extra=_cli("--calib-max-gpu-memory"),
+    )
     fidelity_tokens: int = Field(
         1024,
         ge=0,
@@ -153,6 +161,15 @@ class QuantizationConfig(_Section):
     @property
     def calib_batch_size(self) -> int:
         return self.batch_size
+
+    @field_validator("max_gpu_memory")
+    @classmethod
+    def _a_size(cls, value: str | None) -> str | None:
+        if value is not None:
+            from quant_release.plan import parse_bytes
+
+            parse_bytes(value)  # ValueError names the expected form
+        return value
 
     @field_validator("calib_dataset")
     @classmethod

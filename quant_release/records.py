@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from quant_release.hashing import FileDigest
 from quant_release.paired import AccuracyGate, PairedComparison
+from quant_release.plan import ModelShape
 
 StageStatus = Literal["completed", "cached", "skipped", "failed"]
 Variant = Literal["bf16", "fp8"]
@@ -76,6 +77,7 @@ class CheckedSource:
     base_model: str | None
     name: str
     context_length: int | None = None  # max_position_embeddings / GGUF context_length, when stated
+    shape: ModelShape | None = None  # for the memory plan; None when the header lacks a shape
 
 
 class ModelSource(Record):

@@ -28,6 +28,7 @@ from quant_release.engines.pool import EnginePool
 from quant_release.errors import MissingUpstreamError, error_message
 from quant_release.memory import PeakMemory
 from quant_release.mmlu import MmluDataset
+from quant_release.plan import Plan
 from quant_release.progress import Progress
 from quant_release.records import CheckedSource, Record, Results, StageReport
 from quant_release.stages import STAGE_TABLE, Stage, code_version
@@ -208,6 +209,7 @@ class Preflight:
     store: ArtifactStore
     tracking_uri: str
     mmlu_dataset: MmluDataset | None  # loaded when evaluate runs
+    memory_plan: Plan | None = None  # quant_release/plan.py; None when the source states no shape
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, Literal
 from quant_release.config import HUB_REPO_ID, Settings, SourceConfig
 from quant_release.errors import ConfigError, UnsupportedModelError
 from quant_release.hashing import digest_dir, fingerprint, sha256_file, tensor_shapes
+from quant_release.plan import ModelShape, PlanError
 from quant_release.progress import Progress
 from quant_release.records import CheckedSource, ModelSource
 from quant_release.stage import RunContext, stage_task
@@ -74,7 +75,16 @@ GGUF_KEYS = (
     "general.base_model.0.organization",
     "general.base_model.0.name",
     "llama.context_length",
+    # Shapes, for the memory plan (quant_release/plan.py); the token list is read as its length only.
+    "llama.embedding_length",
+    "llama.feed_forward_length",
+    "llama.block_count",
+    "llama.attention.head_count",
+    "llama.attention.head_count_kv",
+    "llama.attention.key_length",
+    "tokenizer.ggml.tokens",
 )
+GGUF_OUTPUT_TENSOR = "output.weight"  # absent when lm_head is tied to the token embeddings
 # GGUF value types (ggml's gguf.h): fixed sizes for scalars, then STRING = 8, ARRAY = 9.
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
@@ -125,7 +135,7 @@ def _read_gguf_keys(handle: BinaryIO, wanted: set[str]) -> dict[str, Any]:
         else:
             raise ValueError(f"unknown GGUF value type {value_type}")
 
-    unpack("Q")  # tensor count
+    tensors = unpack("Q")
     found: dict[str, Any] = {}
     for _ in range(unpack("Q")):
         key, value_type = string(), unpack("I")
@@ -133,9 +143,21 @@ def _read_gguf_keys(handle: BinaryIO, wanted: set[str]) -> dict[str, Any]:
             found[key] = string()
         elif key in wanted and value_type in _GGUF_SCALARS:
             found[key] = unpack(_GGUF_SCALARS[value_type])
+        elif key in wanted and value_type == _GGUF_ARRAY:
+            unpack("I")  # item type
+            found[key] = unpack("Q")  # an array's length (the vocabulary size for the token list)
+            handle.seek(-12, 1)
+            skip(value_type)
         else:
             skip(value_type)
-        if len(found) == len(wanted):
+    # The tensor infos follow the key-value section: names only, to tell a tied lm_head.
+    found[GGUF_OUTPUT_TENSOR] = False
+    for _ in range(tensors):
+        name = string()
+        dims = unpack("I")
+        handle.seek(dims * 8 + 4 + 8, 1)  # dims, type, offset
+        if name == GGUF_OUTPUT_TENSOR:
+            found[GGUF_OUTPUT_TENSOR] = True
             break
     return found
 
@@ -201,6 +223,7 @@ def check_source(config: SourceConfig, settings: Settings) -> CheckedSource:
             # "SmolLM2-135M-Instruct.Q4_1.gguf" → "SmolLM2-135M-Instruct"; general.name is often a training tag.
             name=path.name.split(".")[0] or str(meta.get("general.name")),
             context_length=_context_length(meta.get("llama.context_length")),
+            shape=_gguf_shape(meta),
         )
     if kind == "local":
         path = Path(config.model).expanduser().resolve()
@@ -224,8 +247,24 @@ def check_source(config: SourceConfig, settings: Settings) -> CheckedSource:
             base_model=None,
             name=path.name,
             context_length=_context_length(model_config.get("max_position_embeddings")),
+            shape=_config_shape(model_config),
         )
     return _check_hub(config, settings)
+
+
+def _config_shape(model_config: dict[str, Any]) -> ModelShape | None:
+    try:
+        return ModelShape.from_hf_config(model_config)
+    except PlanError:
+        return None
+
+
+def _gguf_shape(meta: dict[str, Any]) -> ModelShape | None:
+    vocab = meta.get("tokenizer.ggml.tokens")
+    try:
+        return ModelShape.from_gguf(meta, vocab=int(vocab or 0), has_output=bool(meta.get(GGUF_OUTPUT_TENSOR)))
+    except PlanError:
+        return None
 
 
 def _repo_from_url(url: str) -> str | None:

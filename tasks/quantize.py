@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from quant_release import calibration, fidelity, schemes, textdata
+from quant_release import calibration, fidelity, plan, schemes, textdata
 from quant_release.config import QuantizationConfig
 from quant_release.errors import ConfigError, QuantReleaseError
 from quant_release.hashing import digest_dir, fingerprint, tensor_shapes
@@ -49,6 +49,8 @@ TOKENIZER_FILES = (
 )
 # Checked on the stored record every run (StageRunner's `accept`), so not part of the key.
 GATE_FIELDS = {"max_ppl_increase", "override_fidelity_gate"}
+# Where calibration runs, not what it computes: placing layers on other GPUs or the host changes no scale.
+PLACEMENT_FIELDS = {"max_gpu_memory"}
 CPU_AUTO_BATCH = 8  # batch_size 0 on a CPU: no memory probe there, and larger batches do not run faster
 
 
@@ -59,7 +61,7 @@ class FidelityGateError(QuantReleaseError):
 def cache_inputs(config: QuantizationConfig, calib_dataset: str, source: ModelSource, device: str) -> dict[str, Any]:
     return {
         "source_fingerprint": source.fingerprint,
-        **config.model_dump(exclude={"calib_dataset", *GATE_FIELDS}),
+        **config.model_dump(exclude={"calib_dataset", *GATE_FIELDS, *PLACEMENT_FIELDS}),
         "calib_dataset": calib_dataset,
         # A file's or a Hub dataset's contents, not just its name: an edited file must recalibrate.
         "calib_identity": calibration.source(calib_dataset).identity(),
@@ -133,13 +135,48 @@ def calibration_batch_size(config: QuantizationConfig, model: Any, device: str) 
     return max(1, min(int(get_max_batch_size(model, max_sample_length=config.calib_seq)), config.calib_size))
 
 
+def load_for_calibration(config: QuantizationConfig, model_dir: Path, device: str) -> tuple[Any, Any, str]:
+    """The BF16 model, placed as the memory plan says (quant_release/plan.py); its input device; where it is.
+
+    On one GPU when it fits (plain `.to`: no hooks in the forward). Else accelerate's device map: layers
+    balanced over the visible GPUs, each capped so the calibration batch's activations still fit, and what
+    does not fit offloaded to host memory (accelerate moves those weights in for each forward). Export then
+    writes each tensor from where it lives: nothing is gathered onto one GPU.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model: Any
+    if device != "cuda":
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
+        return model.eval(), torch.device("cpu"), "the CPU"
+    shape = plan.ModelShape.from_hf_config(json.loads((model_dir / "config.json").read_text()))
+    machine = plan.Machine.detect(device)
+    cap = plan.parse_bytes(config.max_gpu_memory) if config.max_gpu_memory else None
+    workspace = plan.calibration_activation_bytes(shape, max(1, config.batch_size), config.calib_seq)
+    placed = plan.place_model(shape, workspace, machine, cap)
+    if not placed.device_map:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
+        return model.to("cuda").eval(), torch.device("cuda"), "one GPU"
+    budget = plan.gpu_budget(machine, workspace, cap)
+    max_memory: dict[int | str, int] = dict.fromkeys(range(machine.gpus), budget)
+    max_memory["cpu"] = machine.usable_host
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.bfloat16, device_map="auto", max_memory=max_memory
+    )
+    model.eval()
+    devices = sorted({str(d) for d in model.hf_device_map.values()})
+    where = f"{machine.gpus} GPUs ({', '.join(devices)})" if placed.gpu_bytes else ", ".join(devices)
+    return model, torch.device("cuda:0"), where
+
+
 def run_quantize(
     config: QuantizationConfig, calib_dataset: str, source: ModelSource, device: str, out_dir: Path, progress: Progress
 ) -> QuantizedCheckpoint:
     import modelopt.torch.quantization as mtq
     import torch
     from modelopt.torch.export import export_hf_checkpoint
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(source.model_dir))
@@ -156,9 +193,8 @@ def run_quantize(
     )
     progress.note("quantize", f"calibration: {calibration.samples} x {calibration.seq_len} tokens of {calib_dataset}")
 
-    torch_device = torch.device("cuda" if device == "cuda" else "cpu")
-    model: Any = AutoModelForCausalLM.from_pretrained(str(source.model_dir), dtype=torch.bfloat16)
-    model = model.to(torch_device).eval()
+    model, torch_device, where = load_for_calibration(config, source.model_dir, device)
+    progress.note("quantize", f"BF16 model on {where}")
     batch_size = calibration_batch_size(config, model, device)
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
 
@@ -169,6 +205,8 @@ def run_quantize(
                 progress.step("quantize", "calibration batches", done, len(batches))
 
     mtq.quantize(model, modelopt_config(config), forward_loop)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the calibration batches' blocks: export needs the room, not the cache
     checkpoint_dir = out_dir / "checkpoint"
     progress.note("quantize", "exporting unified HF checkpoint")
     with torch.inference_mode():

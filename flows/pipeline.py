@@ -150,7 +150,12 @@ def run_release(config: ReleaseConfig, settings: Settings, run_id: str, progress
             TASKS,
         )
     sweep_partials(settings.state_dir)  # work dirs of runs killed before they could clean up
-    tracker = Tracker(pre.tracking_uri, config.tracking.experiment, artifact_location=_local_artifacts(settings, pre))
+    tracker = Tracker(
+        pre.tracking_uri,
+        config.tracking.experiment,
+        artifact_location=_local_artifacts(settings, pre),
+        system_metrics_interval=settings.system_metrics_interval if settings.system_metrics else None,
+    )
     parent_id = tracker.start(
         run_name=provenance.run_name(config, run_id),
         params=config.model_dump(mode="json", exclude={"stages", "rerun"}),

@@ -17,7 +17,7 @@ from prefect import flow
 from flows.pipeline import new_run_id, run_release
 from quant_release import netlimits
 from quant_release.config import ReleaseConfig, load_settings
-from quant_release.prefect_ui import run_log_sink
+from quant_release.prefect_ui import ProgressArtifacts, run_log_sink
 from quant_release.progress import Progress
 
 # What new_run_id makes: the CLI names the flow run after the run id it reads the summary back by.
@@ -40,6 +40,6 @@ def release(config: ReleaseConfig = ReleaseConfig()) -> dict[str, Any]:  # noqa:
 
     settings = load_settings()
     netlimits.install(settings)  # time limits and retries on every network client
-    progress = Progress(enabled=settings.progress, sink=run_log_sink())
+    progress = Progress(enabled=settings.progress, sink=run_log_sink(), board=ProgressArtifacts())
     summary = run_release(config, settings, run_id_for(flow_run.get_name()), progress)
     return summary.model_dump(mode="json")

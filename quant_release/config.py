@@ -493,6 +493,9 @@ class Settings(BaseSettings):
         description="default: sqlite:///STATE_DIR/mlflow.db",
     )
     progress: bool = Field(True, description="print progress lines (stage, step, ETA) to stderr")
+    # CPU, memory and GPU samples in each stage's MLflow run (quant_release/system_metrics.py).
+    system_metrics: bool = Field(True, description="sample system metrics into each stage's MLflow run")
+    system_metrics_interval: float = Field(10.0, gt=0, description="seconds between system metric samples")
     # Time limits and retries of every network client (Hub, S3, MLflow): quant_release/netlimits.py.
     net_connect_timeout: float = Field(10.0, gt=0, description="seconds to open a connection")
     net_read_timeout: float = Field(60.0, gt=0, description="seconds to wait for an answer's next bytes")

@@ -365,10 +365,11 @@ def format_bytes(value: int) -> str:
 def render(plan: Plan) -> str:
     """The plan as a table: one row per step."""
     shape, machine = plan.shape, plan.machine
+    gpu_name = f" ({machine.name})" if machine.name else ""
     lines = [
         f"model: {shape.params / 1e9:.2f}B parameters ({shape.layers} layers, hidden {shape.hidden}, "
         f"vocab {shape.vocab}); BF16 {format_bytes(shape.bf16_bytes)}, FP8 {format_bytes(shape.fp8_bytes(False))}",
-        f"machine: {machine.gpus} x {format_bytes(machine.gpu_bytes)} GPU{' (' + machine.name + ')' if machine.name else ''}"
+        f"machine: {machine.gpus} x {format_bytes(machine.gpu_bytes)} GPU{gpu_name}"
         f", host {format_bytes(machine.host_bytes)}"
         if machine.gpus
         else f"machine: no GPU, host {format_bytes(machine.host_bytes)}",

@@ -1,4 +1,5 @@
-"""What a release run shows in the Prefect UI: progress in the Logs tab, table and link artifacts, Cached states.
+"""What a release run shows in the Prefect UI: progress in the Logs tab and as progress artifacts, table and
+link artifacts, Cached states.
 
 Only called inside a flow run (flows/release.py, `flows.pipeline.in_flow_run()`), so prefect is imported
 here lazily: a run without a Prefect server never imports it. Nothing here decides anything about the run;
@@ -10,7 +11,8 @@ from __future__ import annotations
 import logging
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 from quant_release.records import Record, ThroughputResult
 
@@ -39,6 +41,27 @@ def run_log_sink() -> Callable[[str], None]:
         PrefectLogAdapter(logger, extra=extra).info(line)
 
     return sink
+
+
+class ProgressArtifacts:
+    """A Progress board (quant_release/progress.py): one progress artifact per stage, `<stage>-progress`.
+
+    Made on the stage's first update, inside its task run, so the artifact belongs to that task run and
+    to the flow run; later updates change its value and description (Progress paces them).
+    """
+
+    def __init__(self) -> None:
+        self._ids: dict[str, UUID] = {}
+
+    def update(self, stage: str, percent: float, description: str) -> None:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        artifact_id = self._ids.get(stage)
+        if artifact_id is None:
+            created = create_progress_artifact(progress=percent, key=f"{stage}-progress", description=description)
+            self._ids[stage] = cast(UUID, created)  # a UUID when called from synchronous code, as stages are
+        else:
+            update_progress_artifact(artifact_id, progress=percent, description=description)
 
 
 def flow_run_tags() -> dict[str, str]:

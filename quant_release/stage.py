@@ -134,7 +134,8 @@ class StageRunner:
             )
             self.reports[stage] = StageReport(status="failed", cache_key=key, error=str(error))
             raise error
-        with self.tracker.stage(stage, tags={"cache_key": key}) as run_id:
+        warn = functools.partial(self.progress.note, stage)
+        with self.tracker.stage(stage, tags={"cache_key": key}, warn=warn) as run_id:
             self.tracker.log_params(run_id, full_inputs)
             if cached is not None:
                 record = cast(R, cached)  # loaded as the table's record type, which `produce` returns

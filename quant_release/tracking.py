@@ -14,13 +14,16 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quant_release.errors import SECRET_WORDS, ConfigError, redact
+
+if TYPE_CHECKING:
+    from quant_release.system_metrics import SystemMetricsSampler
 
 # Stores with a model registry: a tracking server and the database stores. MLflow's file store has none.
 _REGISTRY_SCHEMES = {"http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks"}
@@ -133,7 +136,14 @@ def _dataset_source(uri: str) -> Any:
 class Tracker:
     """A parent MLflow run and its nested stage runs."""
 
-    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        artifact_location: str | None = None,
+        system_metrics_interval: float | None = None,
+    ) -> None:
+        """`system_metrics_interval`: seconds between system metric samples in each stage run; None: none."""
         from mlflow.tracking import MlflowClient
 
         if "@" in urllib.parse.urlsplit(tracking_uri).netloc:
@@ -151,6 +161,7 @@ class Tracker:
         else:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
         self.parent_run_id: str | None = None
+        self.system_metrics_interval = system_metrics_interval
         # (run, key, step) -> value already logged: logging it again would add a point to the metric's history.
         self._logged: dict[tuple[str, str, int], float] = {}
 
@@ -167,8 +178,14 @@ class Tracker:
 
     # -- stage runs ----------------------------------------------------------------------------
     @contextmanager
-    def stage(self, name: str, tags: Mapping[str, str] | None = None) -> Iterator[str]:
-        """A nested run for one stage; FAILED (with the error as a tag) if the body raises."""
+    def stage(
+        self, name: str, tags: Mapping[str, str] | None = None, warn: Callable[[str], None] | None = None
+    ) -> Iterator[str]:
+        """A nested run for one stage; FAILED (with the error as a tag) if the body raises.
+
+        While it is open, system metrics are sampled into it (`system_metrics_interval`); sampling ends before
+        the run does, whatever ends it. `warn` gets the one line saying why sampling stopped early, if it did.
+        """
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         from quant_release.sweep import owner_tags
@@ -178,15 +195,34 @@ class Tracker:
             all_tags[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=_redacted(all_tags))
         run_id = run.info.run_id
+        sampler = self._start_sampling(run_id)
         try:
             yield run_id
         except BaseException as exc:
             from quant_release.signals import is_interrupt
 
+            _stop_sampling(sampler, warn)
             self.set_tags(run_id, {"error": str(exc) or type(exc).__name__})
             self.client.set_terminated(run_id, status="KILLED" if is_interrupt(exc) else "FAILED")
             raise
+        _stop_sampling(sampler, warn)
         self.client.set_terminated(run_id, status="FINISHED")
+
+    def _start_sampling(self, run_id: str) -> SystemMetricsSampler | None:
+        if self.system_metrics_interval is None:
+            return None
+        from mlflow.entities import Metric
+
+        from quant_release.system_metrics import SystemMetricsSampler
+
+        def log(values: Mapping[str, float], step: int) -> None:
+            now = int(time.time() * 1000)
+            metrics = [Metric(_metric_key(key), float(value), now, step) for key, value in values.items()]
+            self.client.log_batch(run_id, metrics=metrics)
+
+        sampler = SystemMetricsSampler(log, self.system_metrics_interval)
+        sampler.start()
+        return sampler
 
     # -- logging -------------------------------------------------------------------------------
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
@@ -255,6 +291,14 @@ class Tracker:
     def log_table(self, run_id: str, data: Mapping[str, list[Any]], artifact_file: str) -> None:
         """A table (columns of equal length) that MLflow's UI shows and compares across runs."""
         self.client.log_table(run_id, data=dict(data), artifact_file=artifact_file)
+
+
+def _stop_sampling(sampler: SystemMetricsSampler | None, warn: Callable[[str], None] | None) -> None:
+    if sampler is None:
+        return
+    sampler.stop()
+    if sampler.error is not None and warn is not None:
+        warn(f"system metrics stopped after {sampler.samples} samples: {redact(sampler.error)}")
 
 
 def _redacted(tags: Mapping[str, str]) -> dict[str, str]:

@@ -89,6 +89,8 @@ def setup(
         "HF_HUB_OFFLINE": "1",
         "HF_HOME": str(work / "hf-home"),
         "OMP_NUM_THREADS": str(os.cpu_count() or 2),
+        # Stages of the tiny model take seconds: sample often enough to see several points in one.
+        "QUANT_RELEASE_SYSTEM_METRICS_INTERVAL": "1",
     }
     yield FlowSetup(
         model=model,
@@ -103,7 +105,7 @@ def setup(
     delete_bucket(s3_server, bucket)
 
 
-def _invoke(setup: FlowSetup, command: str, *extra: str, name: str) -> Invocation:
+def _invoke(setup: FlowSetup, command: str, *extra: str, name: str, env: dict[str, str] | None = None) -> Invocation:
     summary_path = setup.work / f"{name}-summary.json"
     argv = [
         CLI, command, "--model", str(setup.model), *SMALL_RUN, *extra,
@@ -111,7 +113,7 @@ def _invoke(setup: FlowSetup, command: str, *extra: str, name: str) -> Invocatio
     ]  # fmt: skip
     start = time.monotonic()
     result = subprocess.run(
-        argv, env=setup.env, cwd=setup.work, capture_output=True, text=True, timeout=240, check=False
+        argv, env={**setup.env, **(env or {})}, cwd=setup.work, capture_output=True, text=True, timeout=240, check=False
     )
     seconds = time.monotonic() - start
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-6000:]}"
@@ -127,7 +129,8 @@ def first(setup: FlowSetup) -> Invocation:
 
 @pytest.fixture(scope="module")
 def second(setup: FlowSetup, first: Invocation) -> Invocation:
-    return _invoke(setup, "run", name="second")
+    # System metrics switched off: its stage runs must have none (the first run's have them).
+    return _invoke(setup, "run", name="second", env={"QUANT_RELEASE_SYSTEM_METRICS": "false"})
 
 
 @pytest.fixture(scope="module")
@@ -497,6 +500,73 @@ def test_prefect_shows_progress_artifacts_and_links(setup: FlowSetup, first: Inv
     assert len(tags["mlflow.source.git.commit"]) == 40
     assert tags["mlflow.user"]
     assert parent.info.run_name == f"tiny-llama fp8 {summary['run_id']}"
+
+
+SYSTEM_METRICS = (
+    "system/cpu_utilization_percentage",
+    "system/system_memory_usage_megabytes",
+    "system/system_memory_usage_percentage",
+)
+
+
+def test_every_stage_run_has_system_metrics_unless_switched_off(
+    setup: FlowSetup, first: Invocation, second: Invocation
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=setup.mlflow.tracking_uri)
+    children = _stage_runs(setup, first.summary["mlflow"]["run_id"])
+    assert [c.info.run_name for c in children] == list(STAGES)
+    for child in children:
+        stage = child.info.run_name
+        for key in SYSTEM_METRICS:
+            history = client.get_metric_history(child.info.run_id, key)
+            assert len(history) >= 1, (stage, key)
+            assert sorted(point.step for point in history) == list(range(len(history))), (stage, key)
+        assert 0 <= child.data.metrics["system/cpu_utilization_percentage"] <= 100, stage
+        assert 0 < child.data.metrics["system/system_memory_usage_percentage"] < 100, stage
+        # No GPU on the machines this suite runs on: no GPU figures, none made up.
+        assert not any(key.startswith("system/gpu_") for key in child.data.metrics), stage
+    # quantize takes longer than the 1 s interval here: samples on the interval, not only the one at its end.
+    quantize = children[STAGES.index("quantize")]
+    assert len(client.get_metric_history(quantize.info.run_id, SYSTEM_METRICS[0])) >= 2
+    # The parent run is the release's, not a stage's: no system metrics there.
+    parent = client.get_run(first.summary["mlflow"]["run_id"])
+    assert not any(key.startswith("system/") for key in parent.data.metrics)
+
+    off = _stage_runs(setup, second.summary["mlflow"]["run_id"])
+    assert len(off) == 6
+    for child in off:
+        assert not any(key.startswith("system/") for key in child.data.metrics), child.info.run_name
+
+
+def _progress_artifacts(setup: FlowSetup, flow_run_id: str) -> list[dict[str, Any]]:
+    return list(
+        _post_json(
+            f"{setup.prefect.api_url}/artifacts/filter",
+            {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "type": {"any_": ["progress"]}}},
+        )
+    )
+
+
+def test_long_stages_leave_a_progress_artifact_at_100(setup: FlowSetup, first: Invocation, second: Invocation) -> None:
+    """The stages with steps (calibration batches, MMLU questions, benchmark requests) each have one progress
+    artifact on their task run, at 100 when the stage completed; reused stages have none."""
+    flow_run = _flow_run(setup, first.summary["run_id"])
+    artifacts = _progress_artifacts(setup, flow_run["id"])
+    by_key = {artifact["key"]: artifact for artifact in artifacts}
+    assert len(by_key) == len(artifacts)  # one per stage: updated in place, not made again
+    assert set(by_key) == {"quantize-progress", "evaluate-progress", "benchmark-progress"}
+    task_names = {t["id"]: t["name"].rsplit("-", 1)[0] for t in _task_runs(setup, flow_run["id"])}
+    for key, artifact in by_key.items():
+        stage = key.removesuffix("-progress")
+        assert artifact["type"] == "progress"
+        assert float(artifact["data"]) == 100.0, artifact
+        assert artifact["description"].startswith("completed in "), artifact
+        assert task_names[artifact["task_run_id"]] == stage
+
+    cached_run = _flow_run(setup, second.summary["run_id"])
+    assert _progress_artifacts(setup, cached_run["id"]) == []
 
 
 def test_reused_stages_show_as_cached_in_prefect(setup: FlowSetup, second: Invocation) -> None:

@@ -17,6 +17,7 @@ from quant_release.config import (
     Settings,
     build_config,
     load_config_file,
+    load_settings,
 )
 from quant_release.errors import ConfigError
 
@@ -25,6 +26,8 @@ ENV_VARS = (
     "QUANT_RELEASE_ARTIFACT_URI",
     "QUANT_RELEASE_MLFLOW_TRACKING_URI",
     "QUANT_RELEASE_PROGRESS",
+    "QUANT_RELEASE_SYSTEM_METRICS",
+    "QUANT_RELEASE_SYSTEM_METRICS_INTERVAL",
     "MLFLOW_TRACKING_URI",
     "HF_TOKEN",
     "HUGGING_FACE_HUB_TOKEN",
@@ -276,6 +279,18 @@ def test_settings_defaults_live_under_the_state_dir(clean_env: pytest.MonkeyPatc
     assert settings.hf_token is None
     assert settings.resolved_tracking_uri() == f"sqlite:///{state.resolve() / 'mlflow.db'}"
     assert Path(settings.resolved_artifact_uri()) == state.resolve() / "artifacts"
+
+
+def test_system_metrics_settings(clean_env: pytest.MonkeyPatch) -> None:
+    settings = Settings()
+    assert (settings.system_metrics, settings.system_metrics_interval) == (True, 10.0)
+    clean_env.setenv("QUANT_RELEASE_SYSTEM_METRICS", "false")
+    clean_env.setenv("QUANT_RELEASE_SYSTEM_METRICS_INTERVAL", "1.5")
+    settings = Settings()
+    assert (settings.system_metrics, settings.system_metrics_interval) == (False, 1.5)
+    clean_env.setenv("QUANT_RELEASE_SYSTEM_METRICS_INTERVAL", "0")
+    with pytest.raises(ConfigError, match="QUANT_RELEASE_SYSTEM_METRICS_INTERVAL='0'"):
+        load_settings()
 
 
 def test_settings_default_state_dir(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:

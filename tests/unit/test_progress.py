@@ -186,3 +186,72 @@ def test_sink_gets_log_paced_lines_even_on_a_terminal_and_when_quiet(clock: Fake
         "[evaluate] questions 10/10 100.0%",
         "[evaluate] completed in 0:00:10",
     ]
+
+
+class Board:
+    """A progress board that keeps every update, as Prefect's artifacts would show them in turn."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.updates: list[tuple[str, float, str]] = []
+        self.fail_after = fail_after
+
+    def update(self, stage: str, percent: float, description: str) -> None:
+        if self.fail_after is not None and len(self.updates) >= self.fail_after:
+            raise ConnectionError("prefect server went away")
+        self.updates.append((stage, percent, description))
+
+
+def test_board_shows_a_stage_at_its_first_step_then_once_per_interval_and_100_at_the_end(clock: FakeClock) -> None:
+    board = Board()
+    progress = Progress(stream=io.StringIO(), interval=5.0, board=board)
+    progress.stage_started("evaluate")
+    for done in range(1, 21):
+        clock.advance(1.0)
+        progress.step("evaluate", "bf16 questions", done, 20)
+    for done in range(1, 11):  # a second step of the same stage: same board entry, still paced
+        clock.advance(1.0)
+        progress.step("evaluate", "fp8 questions", done, 10)
+    progress.stage_finished("evaluate", "completed", 30.0)
+    assert board.updates == [
+        ("evaluate", 5.0, "bf16 questions 1/20"),  # no pace yet: no ETA
+        ("evaluate", 30.0, "bf16 questions 6/20, ETA 0:00:12"),  # 6 done in the 5 s since the first call, 14 left
+        ("evaluate", 55.0, "bf16 questions 11/20, ETA 0:00:08"),
+        ("evaluate", 80.0, "bf16 questions 16/20, ETA 0:00:04"),
+        ("evaluate", 10.0, "fp8 questions 1/10"),
+        ("evaluate", 60.0, "fp8 questions 6/10, ETA 0:00:03"),
+        ("evaluate", 100.0, "completed in 0:00:30"),
+    ]
+
+
+def test_board_keeps_a_failed_stage_at_the_value_it_reached(clock: FakeClock) -> None:
+    board = Board()
+    progress = Progress(stream=io.StringIO(), interval=5.0, board=board)
+    progress.step("quantize", "calibration batches", 3, 8)
+    progress.stage_finished("quantize", "failed", 12.0, "RuntimeError: NaN")
+    assert board.updates == [
+        ("quantize", 37.5, "calibration batches 3/8"),
+        ("quantize", 37.5, "failed in 0:00:12: RuntimeError: NaN"),
+    ]
+
+
+def test_board_is_not_used_for_stages_without_steps(clock: FakeClock) -> None:
+    board = Board()
+    progress = Progress(stream=io.StringIO(), board=board)
+    progress.stage_started("download")
+    progress.note("download", "cached")
+    progress.stage_finished("download", "completed", 1.0)
+    assert board.updates == []
+
+
+def test_a_failing_board_is_one_note_and_never_stops_the_stage(clock: FakeClock) -> None:
+    board = Board(fail_after=1)
+    stream = io.StringIO()
+    progress = Progress(stream=stream, interval=5.0, board=board)
+    for done in range(1, 31):
+        clock.advance(1.0)
+        progress.step("benchmark", "fp8 requests", done, 30)
+    progress.stage_finished("benchmark", "completed", 30.0)
+    assert board.updates == [("benchmark", 100 / 30, "fp8 requests 1/30")]
+    notes = [line for line in stream.getvalue().splitlines() if "progress artifacts" in line]
+    assert notes == ["[benchmark] progress artifacts off for this run: ConnectionError: prefect server went away"]
+    assert stream.getvalue().splitlines()[-1] == "[benchmark] completed in 0:00:30"

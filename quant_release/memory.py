@@ -49,6 +49,16 @@ class PeakMemory:
             self.gpu_bytes[f"cuda:{index}"] = int(torch.cuda.max_memory_reserved(index))
 
 
+def peaks_so_far() -> tuple[int | None, dict[str, int]]:
+    """Host and per-GPU peaks since the enclosing PeakMemory began, without resetting them."""
+    gpu: dict[str, int] = {}
+    for index in _cuda_devices():
+        import torch
+
+        gpu[f"cuda:{index}"] = int(torch.cuda.max_memory_reserved(index))
+    return _peak_rss(), gpu
+
+
 def _peak_rss() -> int | None:
     try:
         for line in STATUS.read_text().splitlines():

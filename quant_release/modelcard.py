@@ -21,11 +21,13 @@ from huggingface_hub import EvalResult, ModelCardData
 from quant_release import metrics, quality_gate
 from quant_release.mmlu import CATEGORY_TITLES
 from quant_release.paired import AccuracyGate
+from quant_release.progress import format_seconds
 from quant_release.records import (
     Engines,
     MmluResult,
     ModelSource,
     QuantizedCheckpoint,
+    Record,
     Results,
     ThroughputResult,
     safetensors_bytes,
@@ -209,10 +211,37 @@ def render(inputs: CardInputs) -> str:
             gate=inputs.gate,
             gate_line=quality_gate.describe(inputs.gate, inputs.mmlu) if inputs.gate and inputs.mmlu else "",
             chart_name=inputs.mmlu.chart_file.name if inputs.mmlu and inputs.mmlu.chart_file else None,
+            resources=_resource_rows(inputs),
         )
     )
     meta = yaml.safe_dump(front_matter(inputs), sort_keys=False, allow_unicode=True)
     return f"{FRONT_MATTER_DELIMITER}\n{meta}{FRONT_MATTER_DELIMITER}\n\n{body}"
+
+
+def _resource_rows(inputs: CardInputs) -> list[dict[str, str]]:
+    """One row per stage whose record carries what producing it cost (records from before: none)."""
+    parts: list[tuple[str, Record | None]] = [
+        ("download", inputs.source),
+        ("quantize", inputs.checkpoint),
+        ("build", inputs.engines),
+        ("evaluate", inputs.mmlu),
+        ("benchmark", inputs.throughput),
+    ]
+    rows = []
+    for stage, record in parts:
+        spent = record.resources if record is not None else None
+        if spent is None:
+            continue
+        gpu = ", ".join(f"{device} {value / 2**30:.2f} GiB" for device, value in spent.peak_gpu_memory_bytes.items())
+        rows.append(
+            {
+                "stage": stage,
+                "seconds": format_seconds(spent.seconds),
+                "rss": f"{spent.peak_rss_bytes / 2**30:.2f} GiB" if spent.peak_rss_bytes is not None else "n/a",
+                "gpu": f"{gpu} ({spent.device})" if gpu and spent.device else gpu or "none (CPU)",
+            }
+        )
+    return rows
 
 
 def _mmlu_category_groups(result: MmluResult | None) -> list[dict[str, Any]]:

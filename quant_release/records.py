@@ -23,8 +23,19 @@ Variant = Literal["bf16", "fp8"]
 R = TypeVar("R", bound="Record")
 
 
+class StageResources(BaseModel):
+    """What producing a record cost, measured when it was produced (a cached record keeps these)."""
+
+    seconds: float
+    peak_rss_bytes: int | None = None
+    peak_gpu_memory_bytes: dict[str, int] = Field(default_factory=dict, description="per GPU, e.g. cuda:0")
+    device: str | None = Field(None, description="GPU model, when one was used")
+
+
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    resources: StageResources | None = Field(None, description="time and peak memory when this was produced")
 
     def metrics(self) -> dict[str, float]:
         """This record's metrics under their canonical keys (the vocabulary in quant_release/metrics.py)."""

@@ -26,11 +26,11 @@ from quant_release import metrics
 from quant_release.config import ReleaseConfig, Settings
 from quant_release.engines.pool import EnginePool
 from quant_release.errors import MissingUpstreamError, error_message
-from quant_release.memory import PeakMemory
+from quant_release.memory import PeakMemory, peaks_so_far
 from quant_release.mmlu import MmluDataset
 from quant_release.plan import Plan
 from quant_release.progress import Progress
-from quant_release.records import CheckedSource, Record, Results, StageReport
+from quant_release.records import CheckedSource, Record, Results, StageReport, StageResources
 from quant_release.stages import STAGE_TABLE, Stage, code_version
 from quant_release.state import StageStore, cache_key
 from quant_release.storage import ArtifactStore
@@ -46,6 +46,18 @@ class StageWork:
 
     dir: Path
     key: str
+
+
+def with_resources(record: R, seconds: float) -> R:
+    """The record with what producing it cost (the run's PeakMemory began with this stage)."""
+    rss, gpu = peaks_so_far()
+    device = None
+    if gpu:
+        import torch
+
+        device = torch.cuda.get_device_name(0)
+    resources = StageResources(seconds=round(seconds, 3), peak_rss_bytes=rss, peak_gpu_memory_bytes=gpu, device=device)
+    return record.model_copy(update={"resources": resources})
 
 
 @dataclass
@@ -145,7 +157,8 @@ class StageRunner:
                 self.progress.stage_started(stage)
                 try:
                     with self.store.writing(stage, key) as work_dir:
-                        record = self.store.commit(stage, key, work_dir, produce(StageWork(work_dir, key)))
+                        produced = with_resources(produce(StageWork(work_dir, key)), time.monotonic() - start)
+                        record = self.store.commit(stage, key, work_dir, produced)
                 except BaseException as exc:
                     seconds = time.monotonic() - start
                     self.reports[stage] = StageReport(

@@ -369,6 +369,22 @@ def test_peak_rss_is_the_stage_own_peak(store: StageStore, tracker: Tracker) -> 
     assert first - second > 250 * 2**20, (first, second)
 
 
+def test_a_record_keeps_what_producing_it_cost_when_it_is_reused(store: StageStore, tracker: Tracker) -> None:
+    def big(stage_work: StageWork) -> ToyRecord:
+        block = bytearray(300 * 2**20)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        del block
+        return Produce(1)(stage_work)
+
+    produced = _runner(store, tracker, selected={STAGE}).run(STAGE, INPUTS, big)
+    assert produced.resources is not None
+    assert produced.resources.peak_rss_bytes is not None and produced.resources.peak_rss_bytes > 300 * 2**20
+    assert produced.resources.peak_gpu_memory_bytes == {}  # no CUDA in this process
+    reused = _runner(store, tracker, selected={STAGE}).run(STAGE, INPUTS, Produce(1))
+    assert reused.resources == produced.resources  # the card shows what producing it took, not reading it
+
+
 def test_each_metric_key_is_on_one_run_per_release_and_compare_reads_it(
     store: StageStore, mlflow_client: Any, mlflow_server: MlflowServer
 ) -> None:

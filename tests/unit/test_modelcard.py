@@ -477,3 +477,25 @@ def test_card_has_a_fidelity_section_with_the_gate() -> None:
     unmeasured = _checkpoint().model_copy(update={"fidelity": None, "gate": None})
     card = modelcard.render(dataclasses.replace(_inputs(), checkpoint=unmeasured))
     assert "Not measured in this run (`--fidelity-tokens 0`)." in card
+
+
+def test_resources_section_lists_what_each_part_cost_when_produced() -> None:
+    from quant_release.records import StageResources
+
+    spent = StageResources(
+        seconds=754.2, peak_rss_bytes=3 * 2**30, peak_gpu_memory_bytes={"cuda:0": 2**34, "cuda:1": 2**33}, device="H200"
+    )
+    card = modelcard.render(
+        _inputs(
+            checkpoint=_checkpoint().model_copy(update={"resources": spent}),
+            source=_source().model_copy(update={"resources": StageResources(seconds=5.0, peak_rss_bytes=2**30)}),
+        )
+    )
+    rows = {row[0]: row for row in _table_rows(card.split("## Resources", 1)[1].split("## Reproduce", 1)[0])}
+    assert rows["quantize"] == ["quantize", "0:12:34", "3.00 GiB", "cuda:0 16.00 GiB, cuda:1 8.00 GiB (H200)"]
+    assert rows["download"] == ["download", "0:00:05", "1.00 GiB", "none (CPU)"]
+    assert "evaluate" not in rows  # its record carries no figures: no row is invented
+
+
+def test_no_resources_section_for_records_without_figures() -> None:
+    assert "## Resources" not in modelcard.render(_inputs())

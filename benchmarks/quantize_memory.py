@@ -44,6 +44,8 @@ SHAPES: dict[str, dict[str, Any]] = {
              "num_key_value_heads": 2, "vocab_size": 49152},
     "llama-3.1-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
+    "llama-3.1-70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                      "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256},
 }  # fmt: skip
 
 
@@ -73,6 +75,11 @@ def write_random_checkpoint(shape: dict[str, Any], out_dir: Path, device: str) -
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def measured(peak: PeakMemory, seconds: float) -> dict[str, Any]:
@@ -190,6 +197,95 @@ def run_case(
     return out
 
 
+def run_in_memory_case(
+    shape_config: dict[str, Any], work: Path, config: QuantizationConfig, device: str
+) -> dict[str, Any]:
+    """Calibrate and export a model built straight in GPU memory (no checkpoint on disk), for shapes whose BF16
+    checkpoint the machine's disk cannot hold. No fidelity step (it reads the BF16 files)."""
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    hf_config = LlamaConfig(
+        **shape_config,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+        dtype="bfloat16",
+    )
+    shape = plan.ModelShape.from_hf_config(hf_config.to_dict())
+    machine = plan.Machine.detect(device)
+    memory_plan = plan.plan_release(
+        shape,
+        machine,
+        {"quantize"},
+        calib_batch=config.batch_size,
+        calib_seq=config.calib_seq,
+        per_channel=config.algorithm == "fp8_pc_pt",
+        fidelity_tokens=0,
+        engine="builtin",
+        engine_tokens=0,
+        fp8_kv_cache=False,
+    )
+    steps = {step.step.split(" ")[0]: step for step in memory_plan.steps}
+    out: dict[str, Any] = {"case": "in-memory", "params": shape.params, "steps": {}}
+    with PeakMemory() as peak:
+        started = time.perf_counter()
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # built in BF16: an fp32 build would need twice the memory
+        try:
+            with torch.device("meta"):
+                model: Any = LlamaForCausalLM(hf_config)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        model = model.to_empty(device=device)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0.0, 0.02)
+        model.model.rotary_emb = LlamaRotaryEmbedding(config=hf_config, device=device)
+        model.eval()
+        sync(device)
+    out["placement"] = f"{device}, built in memory"
+    out["steps"]["build"] = measured(peak, time.perf_counter() - started)
+    print(f"[in-memory] build: {out['steps']['build']}", flush=True)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    generator = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, shape.vocab, (config.calib_size, config.calib_seq), generator=generator)
+    batch = config.batch_size
+
+    def forward_loop(calibrated: torch.nn.Module) -> None:
+        with torch.inference_mode():
+            for first in range(0, config.calib_size, batch):
+                calibrated(windows[first : first + batch].to(device))
+
+    with PeakMemory() as peak:
+        started = time.perf_counter()
+        mtq.quantize(model, modelopt_config(config), forward_loop)
+        sync(device)
+    out["steps"]["calibrate"] = {**measured(peak, time.perf_counter() - started), **predicted(steps.get("calibrate"))}
+    print(f"[in-memory] calibrate: {out['steps']['calibrate']}", flush=True)
+    export_dir = work / "export-in-memory"
+    shutil.rmtree(export_dir, ignore_errors=True)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    with PeakMemory() as peak:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(export_dir))
+    out["steps"]["export"] = {**measured(peak, time.perf_counter() - started), **predicted(steps.get("export"))}
+    files = [p for p in export_dir.iterdir() if p.suffix == ".safetensors"]
+    out["steps"]["export"]["disk_bytes"] = sum(p.stat().st_size for p in files)
+    out["steps"]["export"]["predicted_disk_bytes"] = steps["export"].disk_bytes
+    print(f"[in-memory] export: {out['steps']['export']}", flush=True)
+    for step in out["steps"].values():
+        ratio(step)
+    shutil.rmtree(export_dir, ignore_errors=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
@@ -200,10 +296,39 @@ def main() -> None:
     parser.add_argument("--offload-cap", help="also run with each GPU capped at this size (e.g. 12GiB)")
     parser.add_argument("--offload-calib-size", type=int, default=64, help="calibration samples when offloading")
     parser.add_argument("--work", type=Path, default=Path("/tmp/quantize-memory"))
+    parser.add_argument("--layers", type=int, help="override the shape's layer count (e.g. one GPU's share)")
+    parser.add_argument(
+        "--in-memory", action="store_true", help="build the model in GPU memory, no BF16 checkpoint on disk"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.work.mkdir(parents=True, exist_ok=True)
+    shape_config = {**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})}
+    if args.in_memory:
+        import modelopt
+
+        config = QuantizationConfig(
+            algorithm=args.algorithm, calib_size=args.calib_size, calib_seq=args.calib_seq, batch_size=args.batch
+        )
+        machine = plan.Machine.detect(device)
+        result = {
+            "benchmark": "quantize_memory",
+            "device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU {platform.machine()}",
+            "gpus": machine.gpus,
+            "gpu_total_bytes": machine.gpu_bytes,
+            "host_total_bytes": machine.host_bytes,
+            "torch": torch.__version__,
+            "modelopt": modelopt.__version__,
+            "date": time.strftime("%Y-%m-%d"),
+            "shape": {"name": args.shape, **shape_config},
+            "calibration": {"size": args.calib_size, "seq": args.calib_seq, "batch": args.batch},
+            "algorithm": args.algorithm,
+            "cases": [run_in_memory_case(shape_config, args.work, config, device)],
+        }
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return
     model_dir = args.work / "bf16"
     shutil.rmtree(model_dir, ignore_errors=True)
     started = time.perf_counter()

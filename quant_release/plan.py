@@ -40,6 +40,9 @@ HOST_BASE_BYTES = 7 * GIB // 4
 # norm output, q/k/v, attention output, gate/up/activation) plus modelopt's max-calibration temporaries.
 ACTIVATION_HIDDEN_FACTOR = 8
 ACTIVATION_INTERMEDIATE_FACTOR = 4
+# Export's host memory: the safetensors shards being written (transformers' 5 GB shards, about two at a time:
+# 10.2 GiB measured for an 8B export, 11.1 GiB for a 36 GiB one).
+EXPORT_HOST_BYTES = 10 * 10**9
 # Logits for every position, as measured with transformers 5 (BF16 logits and their float copy's share).
 LOGIT_BYTES_PER_VALUE = 4
 
@@ -305,10 +308,10 @@ def plan_release(
             host = HOST_BASE_BYTES
         plan.steps.append(StepNeed("quantize", f"calibrate {batch}x{calib_seq}", placed.gpu_bytes, host, note=where))
         # Export converts layer by layer in place (FP8 weights replace BF16): the model plus the largest layer's
-        # FP8 copy and its fp32 temporaries; the state dict is gathered on the host to be written.
+        # FP8 copy and its fp32 temporaries; on the host, the shards being written.
         layer_linears = shape.decoder_linear_params // shape.layers
         export_gpu = tuple(r + placed.streamed + 3 * layer_linears for r in placed.resident)
-        export_host = host - (workspace if not on_gpu else 0) + fp8
+        export_host = host - (workspace if not on_gpu else 0) + min(fp8, EXPORT_HOST_BYTES)
         plan.steps.append(StepNeed("quantize", "export", export_gpu, export_host, disk_bytes=fp8))
         if fidelity_tokens > 0:
             # fp32 weights of the whole model on one device, built on the host first; the BF16 source files

@@ -76,7 +76,6 @@ def preflight(config: ReleaseConfig, settings: Settings, progress: Progress) -> 
         check_available(engine, device)
         check_fp8_gemm(config, device)
     check_quant_scheme(config, engine, engine_needed, "quantize" in needed)
-    memory_plan = check_memory_plan(config, checked, device, engine, needed, progress)
     dataset = None
     if "evaluate" in needed:
         dataset = mmlu_data.load_mmlu(config.mmlu.data)
@@ -86,6 +85,8 @@ def preflight(config: ReleaseConfig, settings: Settings, progress: Progress) -> 
     calib = config.quantization.calib_dataset
     if "quantize" in needed:
         calib = calibration.resolve(calib, settings.hf_endpoint)
+    # Last: every input check above fails in one line before the plan prints anything.
+    memory_plan = check_memory_plan(config, checked, device, engine, needed, progress)
     progress.note(
         "preflight", f"source {checked.kind} {checked.source}; device {device}; engine {engine}; calibration {calib}"
     )

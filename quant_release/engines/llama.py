@@ -34,6 +34,7 @@ from quant_release.engines.checkpoint import (
     read_quant_spec,
     shard_files,
 )
+from quant_release.plan import ModelShape, PlanError
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
@@ -86,23 +87,25 @@ class LlamaShape:
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise CheckpointError(f"{where}: rope type {rope_type!r} is not supported (default, llama3)")
-        heads = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
+        try:
+            sizes = ModelShape.from_hf_config(config)  # the shapes, read as the memory plan reads them
+        except PlanError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
         eos = config.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
         return cls(
-            hidden=hidden,
-            intermediate=int(config["intermediate_size"]),
-            layers=int(config["num_hidden_layers"]),
-            heads=heads,
-            kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            vocab=int(config["vocab_size"]),
+            hidden=sizes.hidden,
+            intermediate=sizes.intermediate,
+            layers=sizes.layers,
+            heads=sizes.heads,
+            kv_heads=sizes.kv_heads,
+            head_dim=sizes.head_dim,
+            vocab=sizes.vocab,
             rms_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling if rope_type == "llama3" else None,
             max_positions=int(config.get("max_position_embeddings", 2048)),
-            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+            tied_embeddings=sizes.tied_embeddings,
             attention_bias=bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)),
             bos_token_id=config.get("bos_token_id"),

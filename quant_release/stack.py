@@ -544,7 +544,7 @@ def _wait_healthy(
         if pending and time.monotonic() > deadline:
             name = pending[0]
             raise StackError(
-                f"{name} did not answer {_health_url(name, state)} within {timeout:.0f} s; "
+                f"{name} did not answer {_health_url(name, state)} within {timeout:g} s; "
                 f"see {state_dir / f'{name}.log'}"
             )
         if pending:

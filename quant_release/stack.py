@@ -219,7 +219,7 @@ def _proc_stat(pid: int) -> list[str] | None:
     return text.rsplit(")", 1)[1].split()
 
 
-def _start_ticks(pid: int) -> int | None:
+def process_start_ticks(pid: int) -> int | None:
     fields = _proc_stat(pid)
     return int(fields[19]) if fields else None
 
@@ -240,6 +240,19 @@ def _is_alive(record: ProcessRecord) -> bool:
     if fields[0] == "Z":
         return False
     return record.start_ticks is None or int(fields[19]) == record.start_ticks
+
+
+def _still_ours(record: ProcessRecord) -> bool:
+    """Does anything we started under `record` still run: the leader, or what it forked after it died?
+
+    Linux does not hand out a pid while a process group of that id exists, so members of the group of a
+    leader that is gone are ours; a live process with the pid but another start time is not."""
+    if _is_alive(record):
+        return True
+    fields = _proc_stat(record.pid)
+    if fields is not None and fields[0] != "Z":
+        return False  # the pid belongs to another process now
+    return bool(group_members(record.pid))
 
 
 def group_members(pgid: int) -> list[int]:
@@ -274,7 +287,7 @@ def _spawn(name: ServiceName, argv: list[str], *, state_dir: Path, env: Mapping[
             # A session of its own: it outlives this command, and its process group is what `down` stops.
             start_new_session=True,
         )
-    record = ProcessRecord(pid=process.pid, start_ticks=_start_ticks(process.pid))
+    record = ProcessRecord(pid=process.pid, start_ticks=process_start_ticks(process.pid))
     (state_dir / f"{name}.pid").write_text(f"{process.pid}\n")
     return record
 
@@ -658,7 +671,7 @@ def down(state_dir: Path, *, timeout: float = DEFAULT_STOP_TIMEOUT, purge: bool 
             # Prefect and MLflow first: they write to the others on their way out.
             for name in reversed(SERVICES):
                 record = state.processes.get(name)
-                if record is not None and _is_alive(record):
+                if record is not None and _still_ours(record):
                     _stop_group(record, timeout)
                     stopped.append(name)
         _remove_runtime_files(state_dir)

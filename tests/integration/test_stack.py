@@ -183,6 +183,44 @@ def test_the_printed_environment_reaches_every_service(stack: Stack) -> None:
     with urllib.request.urlopen(f"{exports['PREFECT_API_URL']}/health", timeout=10) as response:
         assert response.status == 200
         assert response.read().strip() == b"true"
+    # Both UIs are served: the README sends people there.
+    for ui in (f"http://127.0.0.1:{stack.prefect_port}/", exports["MLFLOW_TRACKING_URI"] + "/"):
+        with urllib.request.urlopen(ui, timeout=10) as response:
+            assert response.headers.get_content_type() == "text/html"
+
+
+def _proc_net_address(hex_address: str) -> str:
+    """/proc/net/tcp{,6} print an address as 32-bit words in host (little-endian) byte order."""
+    raw = bytes.fromhex(hex_address)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, words)
+
+
+def _listening_sockets(pids: list[int]) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state that one of `pids` holds, from /proc."""
+    inodes = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = str(fd.readlink())
+                    if target.startswith("socket:["):
+                        inodes.add(target.removeprefix("socket:[").removesuffix("]"))
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                address, port = fields[1].split(":")
+                found.append((_proc_net_address(address), int(port, 16)))
+    return found
+
+
+def test_every_server_listens_on_loopback_only(stack: Stack) -> None:
+    listening = _listening_sockets(processes_using(stack.state_dir) + list(pids_in(stack.state_dir).values()))
+    ports = {port for _, port in listening}
+    assert {stack.s3_port, stack.mlflow_port, stack.prefect_port} <= ports
+    assert {address for address, _ in listening} == {"127.0.0.1"}, listening
 
 
 def test_up_again_finds_the_stack_running_and_prints_the_same_environment(stack: Stack) -> None:

@@ -23,11 +23,8 @@ import shlex
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -275,6 +272,8 @@ def group_members(pgid: int) -> list[int]:
 
 
 def _spawn(name: ServiceName, argv: list[str], *, state_dir: Path, env: Mapping[str, str], cwd: Path) -> ProcessRecord:
+    import subprocess
+
     log_path = state_dir / f"{name}.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
@@ -347,6 +346,9 @@ def _free_port_with_offset(offset: int) -> int:
 
 
 def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    import urllib.error
+    import urllib.request
+
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return 200 <= int(response.status) < 300

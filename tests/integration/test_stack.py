@@ -217,7 +217,8 @@ def _listening_sockets(pids: list[int]) -> list[tuple[str, int]]:
 
 
 def test_every_server_listens_on_loopback_only(stack: Stack) -> None:
-    listening = _listening_sockets(processes_using(stack.state_dir) + list(pids_in(stack.state_dir).values()))
+    members = [pid for leader in pids_in(stack.state_dir).values() for pid in group_members(leader)]
+    listening = _listening_sockets(members)
     ports = {port for _, port in listening}
     assert {stack.s3_port, stack.mlflow_port, stack.prefect_port} <= ports
     assert {address for address, _ in listening} == {"127.0.0.1"}, listening

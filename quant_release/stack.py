@@ -172,7 +172,10 @@ def load(state_dir: Path) -> StackState | None:
     path = state_dir / STATE_FILE
     if not path.is_file():
         return None
-    return StackState.from_json(path.read_text())
+    try:
+        return StackState.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StackError(f"{path} is not a stack record ({exc}); stop its servers by hand and remove it") from None
 
 
 def _save(state_dir: Path, state: StackState) -> None:

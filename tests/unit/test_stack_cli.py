@@ -92,3 +92,11 @@ def test_export_lines_survive_the_shell() -> None:
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True, timeout=10)
     assert result.stdout.split("\0")[:2] == list(env.values())
     assert shlex.split(text.splitlines()[1].partition("=")[2]) == [env["SECRET"]]
+
+
+def test_a_damaged_stack_record_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "stack.json").write_text("{not json")
+    result = stack_cli("status", "--dir", str(tmp_path))
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"quant-release: error: {tmp_path / 'stack.json'} is not a stack record"), line

@@ -11,7 +11,16 @@ import subprocess
 import time
 from pathlib import Path
 
-from quant_release.stack import Ports, ProcessRecord, StackState, down, group_members, process_start_ticks
+from quant_release.stack import (
+    SERVICES,
+    Ports,
+    ProcessRecord,
+    StackState,
+    down,
+    group_members,
+    process_start_ticks,
+    status,
+)
 
 
 def _record(process: subprocess.Popen[bytes]) -> ProcessRecord:
@@ -60,3 +69,16 @@ def test_down_leaves_a_process_that_only_shares_the_recorded_pid_alone(tmp_path:
     finally:
         other.kill()
         other.wait()
+
+
+def test_status_of_a_stack_whose_servers_died_says_stopped(tmp_path: Path) -> None:
+    # As after a reboot: the record is there, the processes are not.
+    gone = subprocess.Popen(["true"], start_new_session=True)
+    record = ProcessRecord(pid=gone.pid, start_ticks=process_start_ticks(gone.pid))
+    gone.wait()
+    _write_state(tmp_path, dict.fromkeys(SERVICES, record))
+    (tmp_path / "s3-credentials.json").write_text('{"access_key": "a", "secret_key": "b"}')
+    services = status(tmp_path)
+    assert [(service.name, service.running, service.healthy) for service in services] == [
+        (name, False, False) for name in SERVICES
+    ]

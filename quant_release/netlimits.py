@@ -173,6 +173,13 @@ def hub_client(limits: NetLimits) -> httpx.Client:
     )
 
 
+def mlflow_retries_spent() -> None:
+    """One MLflow call has waited out the whole outage window in vain: the calls that follow (the cleanup that
+    records the failure: stage run end, summary, parent run end) try once each instead of each waiting the
+    window again, so a run whose server is gone fails after one window, not one per call."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+
+
 def install(settings: Settings) -> NetLimits:
     """Apply the limits to every client of this process. Called by the CLI and the Prefect flow before
     a run (not on import: a test's own Hub client factory must stay in place)."""

@@ -245,3 +245,64 @@ def test_a_run_rides_out_an_mlflow_server_restart(
             proc.kill()
         for server in servers:
             server.stop()
+
+
+def test_an_mlflow_outage_longer_than_the_retries_fails_in_one_line_and_a_rerun_resumes(
+    tmp_path: Path, tiny_llama: Path, late_state: Path, hub_server: HubServer
+) -> None:
+    """The tracking server dies while evaluate scores and stays down past QUANT_RELEASE_NET_MLFLOW_OUTAGE (6 s
+    here: 3 retries, 12 s of waits): the run fails in one line naming the server, within one window (the cleanup's
+    calls try once each, not a window each), with evaluate's finished result kept; after the server is back the
+    rerun reuses it and completes, and the dead run's MLflow runs are closed."""
+    from mlflow.tracking import MlflowClient
+
+    base, port = tmp_path / "mlflow", free_port()
+    tracking_uri = f"http://127.0.0.1:{port}"
+    env = late_env(tmp_path, copy_state(late_state, tmp_path), hub_server, MLFLOW_TRACKING_URI=tracking_uri,
+                   QUANT_RELEASE_NET_MLFLOW_OUTAGE="6")  # fmt: skip
+    summary_path = tmp_path / "summary.json"
+    stages = ["download", "quantize", "build", "evaluate"]
+    argv = [str(SCRIPT), "run", "--model", str(tiny_llama), *LATE_RUN, *SLOW_MMLU, "--stages", *stages,
+            "--summary-json", str(summary_path)]  # fmt: skip
+    server = start_local_mlflow("mlflow", base, port)
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("[evaluate] fp8 questions 100/"):
+                os.killpg(server.pid, signal.SIGKILL)
+                server.process.wait(timeout=30)
+                break
+        scored = time.monotonic()
+        _, stderr = proc.communicate(timeout=300)
+        seconds = time.monotonic() - scored
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    assert proc.returncode == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("quant-release: error:")]
+    assert errors == [
+        f"quant-release: error: MLflow server {tracking_uri} did not answer ([Errno 111] Connection refused) through "
+        "3 retries (QUANT_RELEASE_NET_MLFLOW_OUTAGE); finished stages are kept, rerun to resume"
+    ], stderr
+    assert "Traceback" not in stderr
+    # The rest of evaluate's scoring, one window of 12 s, then single attempts: not a window per cleanup call.
+    assert seconds < 60, seconds
+    summary = json.loads(summary_path.read_text())
+    assert summary["stages"]["evaluate"]["status"] == "failed"
+
+    server = start_local_mlflow("mlflow-restarted", base, port)
+    try:
+        again = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "[evaluate] cached" in again.stderr  # its result was committed before MLflow was needed
+        assert "as KILLED: its process is gone" in again.stderr
+        client = MlflowClient(tracking_uri=tracking_uri)
+        parent = client.get_run(json.loads(summary_path.read_text())["mlflow"]["run_id"])
+        assert parent.info.status == "FINISHED"
+        assert parent.data.metrics["mmlu/questions"] == SLOW_MMLU_QUESTIONS
+        left = client.search_runs([parent.info.experiment_id], filter_string="attributes.status = 'RUNNING'")
+        assert left == []
+    finally:
+        server.stop()

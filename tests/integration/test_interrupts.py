@@ -163,9 +163,9 @@ def _hub_faults(hub: HubServer, **body: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def hung_commit(hub_server: HubServer) -> Iterator[str]:
-    """A repo id whose next commit request the Hub test server accepts and holds, unanswered, for 20 s."""
+    """A repo id whose next commit request the Hub test server accepts and holds, unanswered, for 10 s."""
     repo_id = hub_server.new_repo_id("hung-push")
-    _hub_faults(hub_server, pattern=rf"^/api/models/{repo_id}/commit/main$", status=503, count=1, hang_s=20)
+    _hub_faults(hub_server, pattern=rf"^/api/models/{repo_id}/commit/main$", status=503, count=1, hang_s=10)
     try:
         yield repo_id
     finally:
@@ -269,7 +269,7 @@ def test_a_hub_that_never_answers_the_push_fails_publish_within_the_limit(
     failed = cli(tmp_path, env, *argv)
     seconds = time.monotonic() - started
     assert failed.returncode == 1, failed.stderr[-3000:]
-    assert seconds < 60, seconds  # start-up, cached stages, publish's copies, then 3 s of silence; not the 20 s hang
+    assert seconds < 60, seconds  # start-up, cached stages, publish's copies, then 3 s of silence; not the 10 s hang
     errors = [line for line in failed.stderr.splitlines() if line.startswith(PREFIX)]
     assert len(errors) == 1 and "timed out" in errors[0].lower(), failed.stderr[-3000:]
     assert "Traceback" not in failed.stderr

@@ -38,6 +38,7 @@ ENVIRONMENT_HELP = """environment:
                               (`quant-release stack up` starts a local Prefect, MLflow and S3 and prints these)
   QUANT_RELEASE_NET_CONNECT_TIMEOUT, QUANT_RELEASE_NET_READ_TIMEOUT, QUANT_RELEASE_NET_RETRIES
                               time limits (s) and retries of Hub, S3 and MLflow calls (default 10, 60, 3)
+  QUANT_RELEASE_NET_MLFLOW_OUTAGE  seconds of MLflow server outage a run rides out by retrying (default 60)
 
 exit codes: 0 success, 1 a stage failed, 2 bad input, 3 upstream stage missing, 4 engine cannot run here,
   130/143 interrupted by SIGINT/SIGTERM (MLflow runs KILLED, summary written)

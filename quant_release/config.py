@@ -500,6 +500,9 @@ class Settings(BaseSettings):
     net_connect_timeout: float = Field(10.0, gt=0, description="seconds to open a connection")
     net_read_timeout: float = Field(60.0, gt=0, description="seconds to wait for an answer's next bytes")
     net_retries: int = Field(3, ge=0, le=20, description="retries of a transient failure (reset, 5xx, 429)")
+    net_mlflow_outage: float = Field(
+        60.0, ge=0, le=600, description="seconds of an MLflow server being down (a restart) that a run rides out"
+    )
     hf_token: str | None = Field(None, validation_alias=AliasChoices("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"))
     hf_endpoint: str = Field("https://huggingface.co", validation_alias=AliasChoices("HF_ENDPOINT"))
 

@@ -35,6 +35,10 @@ class MissingUpstreamError(QuantReleaseError):
     exit_code = 3
 
 
+class TrackingUnreachableError(QuantReleaseError):
+    """The MLflow server stopped answering mid-run for longer than its client's retries span."""
+
+
 class EngineUnavailableError(QuantReleaseError):
     """The selected engine's package or hardware is not present on this machine."""
 

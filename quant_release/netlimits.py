@@ -8,6 +8,12 @@ Without them an endpoint that accepts connections and never answers hangs the ru
 Retried, with exponential backoff: connection refused/reset and 429 always (the server did not act on
 the request), 5xx only for idempotent requests whose body can be sent again. Never retried: 401, 403,
 404 and other 4xx (asking again cannot help), and read timeouts (a hung server would multiply the wait).
+
+MLflow is the exception to the retry count: its calls are small, are made all through a run, and a tracking
+server restarting under a long run must not fail it. Its client (urllib3 underneath) retries every method,
+with backoff 2 s doubling, as many times as it takes for the waits to span QUANT_RELEASE_NET_MLFLOW_OUTAGE
+(60 s: 5 retries; preflight has already checked the server answers, with a single probe). urllib3 also retries
+MLflow's read timeouts, so a tracking server that hangs mid-run costs (1 + retries) read timeouts.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ if TYPE_CHECKING:
     from quant_release.config import Settings
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+MLFLOW_BACKOFF_FACTOR = 2  # urllib3: no wait before the first retry, then 2 * 2**(n - 1) s before the n-th
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 MAX_WAIT_S = 8.0
 
@@ -37,10 +44,24 @@ class NetLimits:
     read_timeout: float = 60.0
     retries: int = 3
     backoff: float = 0.5  # first wait; doubled per retry, capped at MAX_WAIT_S
+    mlflow_outage: float = 60.0  # seconds of MLflow server outage that its client's retries span
 
     @classmethod
     def from_settings(cls, settings: Settings) -> NetLimits:
-        return cls(settings.net_connect_timeout, settings.net_read_timeout, settings.net_retries)
+        return cls(
+            settings.net_connect_timeout,
+            settings.net_read_timeout,
+            settings.net_retries,
+            mlflow_outage=settings.net_mlflow_outage,
+        )
+
+    @property
+    def mlflow_retries(self) -> int:
+        """The fewest retries whose backoff waits add up to `mlflow_outage`: MLFLOW_BACKOFF_FACTOR * (2**n - 2)."""
+        retries = 0
+        while MLFLOW_BACKOFF_FACTOR * (2**retries - 2) < self.mlflow_outage:
+            retries += 1
+        return max(retries, self.retries)
 
     def wait(self, attempt: int, retry_after: str | None = None) -> float:
         if retry_after and retry_after.isdigit():
@@ -152,6 +173,13 @@ def hub_client(limits: NetLimits) -> httpx.Client:
     )
 
 
+def mlflow_retries_spent() -> None:
+    """One MLflow call has waited out the whole outage window in vain: the calls that follow (the cleanup that
+    records the failure: stage run end, summary, parent run end) try once each instead of each waiting the
+    window again, so a run whose server is gone fails after one window, not one per call."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+
+
 def install(settings: Settings) -> NetLimits:
     """Apply the limits to every client of this process. Called by the CLI and the Prefect flow before
     a run (not on import: a test's own Hub client factory must stay in place)."""
@@ -159,8 +187,8 @@ def install(settings: Settings) -> NetLimits:
     _CURRENT[0] = limits
     # MLflow reads these per request; an explicit MLFLOW_HTTP_* setting wins.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(limits.read_timeout))))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(limits.retries))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(limits.mlflow_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", str(MLFLOW_BACKOFF_FACTOR))
     from huggingface_hub.utils._http import set_client_factory
 
     set_client_factory(lambda: hub_client(limits))

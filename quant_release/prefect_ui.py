@@ -89,10 +89,15 @@ def cached(record: Record, message: str) -> Any:
 
 
 def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
-    """The MLflow UI page of a run, for a tracking server (a local store has no UI to link to)."""
-    if urllib.parse.urlsplit(tracking_uri).scheme not in ("http", "https"):
+    """The MLflow UI page of a run, for a tracking server (a local store has no UI to link to).
+
+    Without the credentials a tracking URI may carry (`http://user:password@host`): the link is stored in
+    Prefect's database and shown to everyone who can see the flow run; a browser asks for them itself."""
+    parts = urllib.parse.urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https"):
         return None
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    base = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def throughput_table(throughput: ThroughputResult) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ period still ends it. What a SIGKILL leaves behind is swept by the next run (qua
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from types import FrameType
 
@@ -41,4 +42,12 @@ def install() -> None:
 
 
 def is_interrupt(error: BaseException | None) -> bool:
-    return isinstance(error, (Interrupted, KeyboardInterrupt))
+    """A signal stopped the run: ours, Ctrl-C, or the SIGTERM by which a Prefect worker cancels a flow run
+    (Prefect turns it into `TerminationSignal` inside a flow run; prefect is imported only if already loaded)."""
+    if isinstance(error, (Interrupted, KeyboardInterrupt)):
+        return True
+    if error is None or "prefect" not in sys.modules:
+        return False
+    from prefect.exceptions import TerminationSignal
+
+    return isinstance(error, TerminationSignal)

@@ -14,6 +14,7 @@ without importing Prefect until a flow run calls it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 import traceback
@@ -147,49 +148,66 @@ class StageRunner:
             self.reports[stage] = StageReport(status="failed", cache_key=key, error=str(error))
             raise error
         warn = functools.partial(self.progress.note, stage)
-        with self.tracker.stage(stage, tags={"cache_key": key}, warn=warn) as run_id:
-            self.tracker.log_params(run_id, full_inputs)
-            if cached is not None:
-                record = cast(R, cached)  # loaded as the table's record type, which `produce` returns
-                status = "cached"
-                self.progress.note(stage, f"cached (key {key}), reusing {self.store.result_dir(stage, key)}")
-            else:
-                self.progress.stage_started(stage)
-                try:
-                    with self.store.writing(stage, key) as work_dir:
-                        produced = with_resources(produce(StageWork(work_dir, key)), time.monotonic() - start)
-                        record = self.store.commit(stage, key, work_dir, produced)
-                except BaseException as exc:
-                    seconds = time.monotonic() - start
-                    self.reports[stage] = StageReport(
-                        status="failed", seconds=seconds, cache_key=key, error=error_message(exc), mlflow_run_id=run_id
-                    )
-                    self.tracker.log_text(run_id, traceback.format_exc(), "error.txt")
-                    self.progress.stage_finished(stage, "failed", seconds, error_message(exc))
-                    raise
-                status = "completed"
-            self.tracker.log_artifact(run_id, self.store.result_dir(stage, key) / "record.json")
-            if accept is not None:
-                try:
-                    record = accept(record)
-                except BaseException as exc:
-                    seconds = time.monotonic() - start
-                    # The measured numbers belong in MLflow most of all when the gate rejects them: on the
-                    # parent run, where they would have gone had the gate passed (the record never reaches
-                    # the run's results, so the summary cannot log them).
-                    self._log_parent(record.metrics())
-                    self.reports[stage] = StageReport(
-                        status="failed", seconds=seconds, cache_key=key, error=error_message(exc), mlflow_run_id=run_id
-                    )
-                    self.progress.stage_finished(stage, "failed", seconds, error_message(exc))
-                    raise
-            seconds = time.monotonic() - start
-            self.tracker.set_tags(run_id, {"status": status})
-            # Comparison metrics on the parent only (as soon as the stage ends, so a long run shows them
-            # early); the stage's run keeps its own timing. The summary logs the same values again at the end,
-            # which the tracker skips as already logged.
-            self.tracker.log_metrics(run_id, metrics.stage_run_metrics(seconds))
-            self._log_parent({**record.metrics(), metrics.stage_seconds_key(stage): seconds})
+        try:
+            with self.tracker.stage(stage, tags={"cache_key": key}, warn=warn) as run_id:
+                self.tracker.log_params(run_id, full_inputs)
+                if cached is not None:
+                    record = cast(R, cached)  # loaded as the table's record type, which `produce` returns
+                    status = "cached"
+                    self.progress.note(stage, f"cached (key {key}), reusing {self.store.result_dir(stage, key)}")
+                else:
+                    self.progress.stage_started(stage)
+                    try:
+                        with self.store.writing(stage, key) as work_dir:
+                            produced = with_resources(produce(StageWork(work_dir, key)), time.monotonic() - start)
+                            record = self.store.commit(stage, key, work_dir, produced)
+                    except BaseException as exc:
+                        seconds = time.monotonic() - start
+                        self.reports[stage] = StageReport(
+                            status="failed",
+                            seconds=seconds,
+                            cache_key=key,
+                            error=error_message(exc),
+                            mlflow_run_id=run_id,
+                        )
+                        with contextlib.suppress(Exception):  # MLflow failing too must not hide `exc`
+                            self.tracker.log_text(run_id, traceback.format_exc(), "error.txt")
+                        self.progress.stage_finished(stage, "failed", seconds, error_message(exc))
+                        raise
+                    status = "completed"
+                self.tracker.log_artifact(run_id, self.store.result_dir(stage, key) / "record.json")
+                if accept is not None:
+                    try:
+                        record = accept(record)
+                    except BaseException as exc:
+                        seconds = time.monotonic() - start
+                        # The measured numbers belong in MLflow most of all when the gate rejects them: on the
+                        # parent run, where they would have gone had the gate passed (the record never reaches
+                        # the run's results, so the summary cannot log them).
+                        self._log_parent(record.metrics())
+                        self.reports[stage] = StageReport(
+                            status="failed",
+                            seconds=seconds,
+                            cache_key=key,
+                            error=error_message(exc),
+                            mlflow_run_id=run_id,
+                        )
+                        self.progress.stage_finished(stage, "failed", seconds, error_message(exc))
+                        raise
+                seconds = time.monotonic() - start
+                self.tracker.set_tags(run_id, {"status": status})
+                # Comparison metrics on the parent only (as soon as the stage ends, so a long run shows them
+                # early); the stage's run keeps its own timing. The summary logs the same values again at the end,
+                # which the tracker skips as already logged.
+                self.tracker.log_metrics(run_id, metrics.stage_run_metrics(seconds))
+                self._log_parent({**record.metrics(), metrics.stage_seconds_key(stage): seconds})
+        except BaseException as exc:
+            # Failed after the stage's own work, e.g. recording it in MLflow: the report says failed, not skipped.
+            if stage not in self.reports:
+                self.reports[stage] = StageReport(
+                    status="failed", seconds=time.monotonic() - start, cache_key=key, error=error_message(exc)
+                )
+            raise
         self.reports[stage] = StageReport(status=status, seconds=seconds, cache_key=key, mlflow_run_id=run_id)
         if status == "completed":
             self.progress.stage_finished(stage, status, seconds)

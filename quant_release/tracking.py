@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quant_release.errors import SECRET_WORDS, ConfigError, redact
+from quant_release.errors import SECRET_WORDS, ConfigError, TrackingUnreachableError, redact
 
 if TYPE_CHECKING:
     from quant_release.system_metrics import SystemMetricsSampler
@@ -150,7 +150,7 @@ class Tracker:
             # MLflow prints "View run ... at: <tracking URI>" on every run end, password included.
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client: MlflowClient = _FailFastClient(MlflowClient(tracking_uri=tracking_uri), tracking_uri)  # type: ignore[assignment]
         existing = self.client.get_experiment_by_name(experiment)
         if existing is not None and existing.lifecycle_stage == "deleted":
             raise ConfigError(
@@ -202,8 +202,11 @@ class Tracker:
             from quant_release.signals import is_interrupt
 
             _stop_sampling(sampler, warn)
-            self.set_tags(run_id, {"error": str(exc) or type(exc).__name__})
-            self.client.set_terminated(run_id, status="KILLED" if is_interrupt(exc) else "FAILED")
+            try:
+                self.set_tags(run_id, {"error": str(exc) or type(exc).__name__})
+                self.client.set_terminated(run_id, status="KILLED" if is_interrupt(exc) else "FAILED")
+            except Exception:  # MLflow failing too: `exc` is still the error to report (the next run closes it)
+                pass
             raise
         _stop_sampling(sampler, warn)
         self.client.set_terminated(run_id, status="FINISHED")
@@ -308,3 +311,45 @@ def _redacted(tags: Mapping[str, str]) -> dict[str, str]:
 def _metric_key(key: str) -> str:
     # MLflow allows alphanumerics, _ - . space : / only.
     return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", key)
+
+
+# How MLflow's client says that urllib3 gave up on a request (every retry spent on connection errors, resets or
+# read timeouts); the cause at the end: "[Errno 111] Connection refused", "Read timed out", ...
+_RETRIES_SPENT = re.compile(r"Max retries exceeded.*?(\[Errno \d+\] [^'\")]+|Read timed out|RemoteDisconnected)", re.S)
+
+
+class _FailFastClient:
+    """An MlflowClient whose calls, once one has spent every retry against an unreachable server, fail as one
+    clear `TrackingUnreachableError`, and whose later calls try once each (quant_release/netlimits.py:
+    mlflow_retries_spent)."""
+
+    def __init__(self, client: Any, tracking_uri: str) -> None:
+        self._client = client
+        self._uri = tracking_uri
+        self._spent: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except Exception as exc:
+                spent = _RETRIES_SPENT.search(str(exc))
+                if spent is None:
+                    raise
+                from quant_release import netlimits
+
+                if not self._spent:  # the first call to give up says how long it tried; later ones say the same
+                    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "?")
+                    self._spent.append(
+                        f"MLflow server {redact(self._uri)} did not answer ({spent.group(1).strip()}) through "
+                        f"{retries} retries (QUANT_RELEASE_NET_MLFLOW_OUTAGE); finished stages are kept, "
+                        "rerun to resume"
+                    )
+                    netlimits.mlflow_retries_spent()
+                raise TrackingUnreachableError(self._spent[0]) from exc
+
+        return call

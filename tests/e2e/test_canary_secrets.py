@@ -3,10 +3,12 @@ search of every byte it wrote.
 
 The secrets are real and in use: the Hub token the Hub test server accepts (a random `hf_test_<hex>`),
 the secret key of a SeaweedFS of this test's own (it accepts whatever it is configured with), and a
-password in the MLflow tracking URI (sent as basic auth; the test server ignores it). After a full
-`quant-release run` on a tiny Llama with `--push-to-hub`, each value is searched for, as bytes, in the
-state dir, the MLflow server's backend store and every artifact object it holds for this experiment,
-every object in the run's bucket, the Hub server's repo storage, stdout, stderr and the summary.
+password in the MLflow tracking URI (sent as basic auth; the test server ignores it). The run goes through
+a Prefect server of this test's own (PREFECT_API_URL set: a flow run, a task run per stage, logs and artifacts
+on the server). After a full `quant-release run` on a tiny Llama with `--push-to-hub`, each value is searched
+for, as bytes, in the state dir, the MLflow server's backend store and every artifact object it holds for this
+experiment, every object in the run's bucket, the Hub server's repo storage, the Prefect server's database
+(sqlite, with its WAL), its log and the client's PREFECT_HOME, stdout, stderr and the summary.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from pathlib import Path
 import pytest
 
 from tests.support.hub_fixtures import HubServer
-from tests.support.servers import MlflowServer, S3Server, seaweedfs
+from tests.support.process import free_port, http_ok, running_server
+from tests.support.servers import (
+    MlflowServer,
+    PrefectServer,
+    S3Server,
+    find_executable,
+    prefect_server_env,
+    seaweedfs,
+)
 from tests.support.tiny import make_tiny_llama
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -33,6 +43,28 @@ CLI = str(Path(sys.executable).with_name("quant-release"))
 def canary_s3(tmp_path: Path) -> Iterator[S3Server]:
     with seaweedfs(tmp_path / "seaweedfs", secret_key=f"canary-aws-{uuid.uuid4().hex}") as server:
         yield server
+
+
+@pytest.fixture
+def canary_prefect(tmp_path: Path) -> Iterator[PrefectServer]:
+    """A Prefect server whose database, log and homes are all in this test's tmp dir, to be searched."""
+    base = tmp_path / "prefect"
+    home, client_home = base / "server-home", base / "client-home"
+    home.mkdir(parents=True)
+    client_home.mkdir()
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    argv = [find_executable("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with running_server(
+        "prefect",
+        argv,
+        ready=lambda: http_ok(f"{api_url}/health"),
+        log_dir=base,
+        env=prefect_server_env(home, port),
+        cwd=base,
+        timeout=120,
+    ) as server:
+        yield PrefectServer(api_url=api_url, home=home, client_home=client_home, server=server)
 
 
 def _files_containing(root: Path, needles: dict[str, bytes]) -> list[str]:
@@ -57,7 +89,11 @@ def _objects_containing(s3: S3Server, bucket: str, prefix: str, needles: dict[st
 
 
 def test_no_secret_reaches_any_byte_the_run_wrote(
-    tmp_path: Path, canary_s3: S3Server, mlflow_server: MlflowServer, hub_server: HubServer
+    tmp_path: Path,
+    canary_s3: S3Server,
+    mlflow_server: MlflowServer,
+    hub_server: HubServer,
+    canary_prefect: PrefectServer,
 ) -> None:
     model = make_tiny_llama(tmp_path / "tiny-llama")
     password = f"canary-mlflow-{uuid.uuid4().hex}"
@@ -82,6 +118,7 @@ def test_no_secret_reaches_any_byte_the_run_wrote(
         "HF_TOKEN": hub_server.token,
         "HF_HUB_DISABLE_XET": "1",
         "HF_HOME": str(work / "hf-home"),
+        **canary_prefect.env(),
     }
     summary = work / "summary.json"
     args = [
@@ -112,4 +149,11 @@ def test_no_secret_reaches_any_byte_the_run_wrote(
     repos = hub_server.data_dir
     assert any(repos.rglob("*.safetensors")) or any(p.is_file() for p in repos.rglob("*"))
     leaks += _files_containing(repos, needles)
+    # The Prefect server: its sqlite database (flow run, task runs, parameters, logs, artifacts), its log, and
+    # the client's PREFECT_HOME. The run was a flow run there, with its logs shipped: the search has bytes to read.
+    prefect_db = canary_prefect.home / "prefect.db"
+    assert prefect_db.is_file()
+    stored = b"".join(p.read_bytes() for p in canary_prefect.home.glob("prefect.db*"))
+    assert b"[publish]" in stored and b"release-summary" in stored, "the run's logs and artifacts are not in the db"
+    leaks += _files_containing(canary_prefect.home.parent, needles)  # server home, client home, server log
     assert leaks == []

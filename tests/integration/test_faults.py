@@ -6,14 +6,21 @@ clear error with nothing that looks finished.
   restart on the same ports and data, the upload again completes and every object matches the manifest.
 - The Hub test server answering 429 / 503 during the push, then recovering: the push completes (the
   retries of quant_release/netlimits.py) and the repo holds the whole release.
+- The MLflow server SIGKILLed mid-run and started again on the same port and store after a while: the run
+  rides out the outage (MLflow's retries span QUANT_RELEASE_NET_MLFLOW_OUTAGE) and all its records land.
 
 Timeouts and the MLflow server not answering at start are in test_network_limits.py and
-tests/unit/test_cli_bad_input.py (test_unreachable_mlflow_server).
+tests/unit/test_cli_bad_input.py (test_unreachable_mlflow_server); a Hub that never answers the push and
+signals during publish are in test_interrupts.py.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -34,8 +41,11 @@ from quant_release.records import Results
 from quant_release.storage import MANIFEST_NAME, ArtifactError, Manifest, S3Store
 from tests.integration.test_publish_stage import _publish, _settings, inputs
 from tests.support.hub_fixtures import HubServer
-from tests.support.servers import S3Server, restart_seaweedfs, seaweedfs
+from tests.support.late_run import LATE_RUN, SLOW_MMLU, SLOW_MMLU_QUESTIONS, copy_state, late_env
+from tests.support.process import free_port
+from tests.support.servers import S3Server, restart_seaweedfs, seaweedfs, start_local_mlflow
 from tests.support.stage_fixtures import HubClient
+from tests.unit.test_cli_bad_input import SCRIPT
 
 __all__ = ["inputs"]  # a fixture used here
 pytestmark = pytest.mark.integration
@@ -174,3 +184,125 @@ def test_a_push_completes_when_the_hub_fails_then_recovers(
     assert release.hub_revision
     files = set(HfApi(endpoint=hub.endpoint, token=hub.token).list_repo_files(repo_id))
     assert {f.path for f in release.files} <= files
+
+
+# --- the MLflow server down for a while, in the middle of a run ---------------------------------------------
+
+
+def test_a_run_rides_out_an_mlflow_server_restart(
+    tmp_path: Path, tiny_llama: Path, late_state: Path, hub_server: HubServer
+) -> None:
+    """The tracking server is SIGKILLed while evaluate scores, stays down until evaluate has scored every
+    question (so the stage's next MLflow call meets a dead server), and is started again on the same port and
+    store: the run retries across the outage (quant_release/netlimits.py, QUANT_RELEASE_NET_MLFLOW_OUTAGE) and
+    completes, and every record of it is in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    base, port = tmp_path / "mlflow", free_port()
+    tracking_uri = f"http://127.0.0.1:{port}"
+    env = late_env(tmp_path, copy_state(late_state, tmp_path), hub_server, MLFLOW_TRACKING_URI=tracking_uri)
+    summary_path = tmp_path / "summary.json"
+    stages = ["download", "quantize", "build", "evaluate"]
+    argv = [str(SCRIPT), "run", "--model", str(tiny_llama), *LATE_RUN, *SLOW_MMLU, "--stages", *stages,
+            "--summary-json", str(summary_path)]  # fmt: skip
+    scored = f"[evaluate] fp8 questions {SLOW_MMLU_QUESTIONS}/{SLOW_MMLU_QUESTIONS}"
+    servers = [start_local_mlflow("mlflow", base, port)]
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        down = 0.0
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("[evaluate] fp8 questions 100/"):
+                os.killpg(servers[0].pid, signal.SIGKILL)
+                servers[0].process.wait(timeout=30)
+                down = time.monotonic()
+            if line.startswith(scored):
+                break  # scored: the stage now records its result in MLflow, which is down
+        assert down and lines[-1].startswith(scored), "".join(lines)
+        time.sleep(3)  # down a while longer: the run is waiting on MLflow now
+        servers.append(start_local_mlflow("mlflow-restarted", base, port))
+        outage = time.monotonic() - down
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, "".join(lines) + stderr
+        # The default policy of 3 retries (0 + 2 + 4 s of waits) would not have spanned it.
+        assert outage > 8, outage
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        summary = json.loads(summary_path.read_text())
+        parent = client.get_run(summary["mlflow"]["run_id"])
+        assert parent.info.status == "FINISHED"
+        stage_runs = client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        )
+        assert {run.data.tags["stage"]: run.info.status for run in stage_runs} == dict.fromkeys(stages, "FINISHED")
+        assert parent.data.metrics["mmlu/questions"] == summary["metrics"]["mmlu_questions"] == SLOW_MMLU_QUESTIONS
+        assert "mmlu/fp8" in parent.data.metrics
+        assert "summary.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for server in servers:
+            server.stop()
+
+
+def test_an_mlflow_outage_longer_than_the_retries_fails_in_one_line_and_a_rerun_resumes(
+    tmp_path: Path, tiny_llama: Path, late_state: Path, hub_server: HubServer
+) -> None:
+    """The tracking server dies while evaluate scores and stays down past QUANT_RELEASE_NET_MLFLOW_OUTAGE (6 s
+    here: 3 retries, 12 s of waits): the run fails in one line naming the server, within one window (the cleanup's
+    calls try once each, not a window each), with evaluate's finished result kept; after the server is back the
+    rerun reuses it and completes, and the dead run's MLflow runs are closed."""
+    from mlflow.tracking import MlflowClient
+
+    base, port = tmp_path / "mlflow", free_port()
+    tracking_uri = f"http://127.0.0.1:{port}"
+    env = late_env(tmp_path, copy_state(late_state, tmp_path), hub_server, MLFLOW_TRACKING_URI=tracking_uri,
+                   QUANT_RELEASE_NET_MLFLOW_OUTAGE="6")  # fmt: skip
+    summary_path = tmp_path / "summary.json"
+    stages = ["download", "quantize", "build", "evaluate"]
+    argv = [str(SCRIPT), "run", "--model", str(tiny_llama), *LATE_RUN, *SLOW_MMLU, "--stages", *stages,
+            "--summary-json", str(summary_path)]  # fmt: skip
+    server = start_local_mlflow("mlflow", base, port)
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("[evaluate] fp8 questions 100/"):
+                os.killpg(server.pid, signal.SIGKILL)
+                server.process.wait(timeout=30)
+                break
+        scored = time.monotonic()
+        _, stderr = proc.communicate(timeout=300)
+        seconds = time.monotonic() - scored
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    assert proc.returncode == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("quant-release: error:")]
+    assert errors == [
+        f"quant-release: error: MLflow server {tracking_uri} did not answer ([Errno 111] Connection refused) through "
+        "3 retries (QUANT_RELEASE_NET_MLFLOW_OUTAGE); finished stages are kept, rerun to resume"
+    ], stderr
+    assert "Traceback" not in stderr
+    # The rest of evaluate's scoring, one window of 12 s, then single attempts: not a window per cleanup call.
+    assert seconds < 60, seconds
+    summary = json.loads(summary_path.read_text())
+    assert summary["stages"]["evaluate"]["status"] == "failed"
+
+    server = start_local_mlflow("mlflow-restarted", base, port)
+    try:
+        again = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "[evaluate] cached" in again.stderr  # its result was committed before MLflow was needed
+        assert "as KILLED: its process is gone" in again.stderr
+        client = MlflowClient(tracking_uri=tracking_uri)
+        parent = client.get_run(json.loads(summary_path.read_text())["mlflow"]["run_id"])
+        assert parent.info.status == "FINISHED"
+        assert parent.data.metrics["mmlu/questions"] == SLOW_MMLU_QUESTIONS
+        left = client.search_runs([parent.info.experiment_id], filter_string="attributes.status = 'RUNNING'")
+        assert left == []
+    finally:
+        server.stop()

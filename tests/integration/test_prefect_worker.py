@@ -57,11 +57,12 @@ def _api(prefect: PrefectServer, method: str, path: str, body: Any = None) -> An
     return response.json() if response.content else None
 
 
-def _small_config(model: Path) -> dict[str, Any]:
-    """The flow's `config` for the smallest run, made by the CLI's own parser from the flags the other tests use."""
+def _small_config(model: Path, *extra: str) -> dict[str, Any]:
+    """The flow's `config` for the smallest run (plus `extra` flags), made by the CLI's own parser from the flags
+    the other tests use."""
     from flows.cli import build_parser, config_from_args
 
-    config = config_from_args(build_parser().parse_args(["run", "--model", str(model), *SMALL_RUN]))
+    config = config_from_args(build_parser().parse_args(["run", "--model", str(model), *SMALL_RUN, *extra]))
     return config.model_dump(mode="json", exclude_defaults=True)
 
 

@@ -17,6 +17,7 @@ Layout: pure helpers (git hashing, globbing, card metadata), `BlobStore` + `HubS
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import binascii
 import dataclasses
@@ -949,8 +950,10 @@ class HubApp:
         self._secret = secrets.token_bytes(32)  # signs the LFS upload URLs handed out by the batch API
         self._routes: list[tuple[frozenset[str], re.Pattern[str], Handler]] = []
         # Fault injection for reliability tests: the next `count` requests whose path matches `pattern`
-        # get `status` instead of an answer (set with POST /api/_test/faults; GET reads what was seen).
-        self._faults: dict[str, Any] = {"pattern": None, "status": 0, "count": 0, "seen": 0}
+        # get `status` instead of an answer (set with POST /api/_test/faults; GET reads what was seen). With
+        # `hang_s`, the server first holds the request that long without a byte of answer (a Hub that
+        # accepts and never answers, for a client whose read timeout is shorter); the request is never acted on.
+        self._faults: dict[str, Any] = {"pattern": None, "status": 0, "count": 0, "seen": 0, "hang_s": 0.0}
         route = self._add_route
         route("GET", r"/api/health", self.health)
         route({"GET", "POST"}, r"/api/_test/faults", self.test_faults)
@@ -1007,6 +1010,7 @@ class HubApp:
                 "status": int(body.get("status", 500)),
                 "count": int(body.get("count", 1)),
                 "seen": 0,
+                "hang_s": float(body.get("hang_s", 0.0)),
             }
         return JSONResponse(self._faults)
 
@@ -1026,6 +1030,8 @@ class HubApp:
         path = raw_path.decode("latin-1").split("?", 1)[0]
         fault = self._injected_fault(path)
         if fault is not None:
+            if self._faults["hang_s"] > 0:
+                await asyncio.sleep(self._faults["hang_s"])
             return fault
         allowed: set[str] = set()
         for methods, pattern, handler in self._routes:

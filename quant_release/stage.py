@@ -162,17 +162,9 @@ class StageRunner:
                             produced = with_resources(produce(StageWork(work_dir, key)), time.monotonic() - start)
                             record = self.store.commit(stage, key, work_dir, produced)
                     except BaseException as exc:
-                        seconds = time.monotonic() - start
-                        self.reports[stage] = StageReport(
-                            status="failed",
-                            seconds=seconds,
-                            cache_key=key,
-                            error=error_message(exc),
-                            mlflow_run_id=run_id,
-                        )
+                        self._stage_failed(stage, start, key, exc, run_id)
                         with contextlib.suppress(Exception):  # MLflow failing too must not hide `exc`
                             self.tracker.log_text(run_id, traceback.format_exc(), "error.txt")
-                        self.progress.stage_finished(stage, "failed", seconds, error_message(exc))
                         raise
                     status = "completed"
                 self.tracker.log_artifact(run_id, self.store.result_dir(stage, key) / "record.json")
@@ -180,19 +172,11 @@ class StageRunner:
                     try:
                         record = accept(record)
                     except BaseException as exc:
-                        seconds = time.monotonic() - start
                         # The measured numbers belong in MLflow most of all when the gate rejects them: on the
                         # parent run, where they would have gone had the gate passed (the record never reaches
                         # the run's results, so the summary cannot log them).
                         self._log_parent(record.metrics())
-                        self.reports[stage] = StageReport(
-                            status="failed",
-                            seconds=seconds,
-                            cache_key=key,
-                            error=error_message(exc),
-                            mlflow_run_id=run_id,
-                        )
-                        self.progress.stage_finished(stage, "failed", seconds, error_message(exc))
+                        self._stage_failed(stage, start, key, exc, run_id)
                         raise
                 seconds = time.monotonic() - start
                 self.tracker.set_tags(run_id, {"status": status})
@@ -212,6 +196,14 @@ class StageRunner:
         if status == "completed":
             self.progress.stage_finished(stage, status, seconds)
         return record
+
+    def _stage_failed(self, stage: str, start: float, key: str, exc: BaseException, run_id: str) -> None:
+        """Report a stage that raised in its own work or its gate (the caller re-raises)."""
+        seconds = time.monotonic() - start
+        self.reports[stage] = StageReport(
+            status="failed", seconds=seconds, cache_key=key, error=error_message(exc), mlflow_run_id=run_id
+        )
+        self.progress.stage_finished(stage, "failed", seconds, error_message(exc))
 
     def _log_parent(self, values: Mapping[str, float]) -> None:
         """Comparison metrics go on the release's parent run (a runner without one logs none)."""

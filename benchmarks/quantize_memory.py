@@ -49,6 +49,16 @@ SHAPES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+def init_random_(model: Any) -> None:
+    """Norm weights 1, every other weight normal with std 0.02 (as transformers initializes a Llama)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02)
+
+
 def write_random_checkpoint(shape: dict[str, Any], out_dir: Path, device: str) -> None:
     """A Llama of `shape` with random BF16 weights, saved as transformers would (safetensors shards)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -64,12 +74,7 @@ def write_random_checkpoint(shape: dict[str, Any], out_dir: Path, device: str) -
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to_empty(device=device).to(torch.bfloat16)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02)
+    init_random_(model)
     model.save_pretrained(str(out_dir), max_shard_size="5GB")  # RoPE's inv_freq is not saved: no need to init it
     del model
     gc.collect()
@@ -103,22 +108,13 @@ def ratio(result: dict[str, Any]) -> None:
         result["measured_over_predicted"] = round(max(gpu.values()) / max(want), 3)
 
 
-def run_case(
-    name: str,
-    model_dir: Path,
-    work: Path,
-    config: QuantizationConfig,
-    device: str,
-    with_fidelity: bool,
-) -> dict[str, Any]:
-    import modelopt.torch.quantization as mtq
-    from modelopt.torch.export import export_hf_checkpoint
-
-    shape = plan.ModelShape.from_hf_config(json.loads((model_dir / "config.json").read_text()))
-    machine = plan.Machine.detect(device)
+def planned_steps(
+    shape: plan.ModelShape, config: QuantizationConfig, device: str, with_fidelity: bool
+) -> dict[str, plan.StepNeed]:
+    """The memory plan's quantize steps for this machine, by first word (calibrate, export, fidelity)."""
     memory_plan = plan.plan_release(
         shape,
-        machine,
+        plan.Machine.detect(device),
         {"quantize"},
         calib_batch=config.batch_size,
         calib_seq=config.calib_seq,
@@ -129,17 +125,23 @@ def run_case(
         fp8_kv_cache=False,
         max_gpu_bytes=plan.parse_bytes(config.max_gpu_memory) if config.max_gpu_memory else None,
     )
-    steps = {step.step.split(" ")[0]: step for step in memory_plan.steps}
-    out: dict[str, Any] = {"case": name, "max_gpu_memory": config.max_gpu_memory, "steps": {}}
-    generator = torch.Generator().manual_seed(0)
-    windows = torch.randint(0, shape.vocab, (config.calib_size, config.calib_seq), generator=generator)
+    return {step.step.split(" ")[0]: step for step in memory_plan.steps}
 
-    with PeakMemory() as peak:
-        started = time.perf_counter()
-        model, input_device, where = load_for_calibration(config, model_dir, device)
-    out["placement"] = where
-    out["steps"]["load"] = measured(peak, time.perf_counter() - started)
-    print(f"[{name}] load: {out['steps']['load']} on {where}", flush=True)
+
+def calibrate_and_export(
+    name: str,
+    model: Any,
+    windows: torch.Tensor,
+    input_device: Any,
+    config: QuantizationConfig,
+    steps: dict[str, plan.StepNeed],
+    export_dir: Path,
+    device: str,
+    out: dict[str, Any],
+) -> str | None:
+    """The stage's calibration and export, each step measured into `out["steps"]`; the export's error, if any."""
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
 
     batch = config.batch_size
 
@@ -151,12 +153,10 @@ def run_case(
     with PeakMemory() as peak:
         started = time.perf_counter()
         mtq.quantize(model, modelopt_config(config), forward_loop)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
     out["steps"]["calibrate"] = {**measured(peak, time.perf_counter() - started), **predicted(steps.get("calibrate"))}
     print(f"[{name}] calibrate: {out['steps']['calibrate']}", flush=True)
 
-    export_dir = work / f"export-{name}"
     shutil.rmtree(export_dir, ignore_errors=True)
     if device == "cuda":
         torch.cuda.empty_cache()  # as the stage does between calibration and export
@@ -176,6 +176,33 @@ def run_case(
         out["steps"]["export"]["disk_bytes"] = sum(p.stat().st_size for p in files)
         out["steps"]["export"]["predicted_disk_bytes"] = steps["export"].disk_bytes
     print(f"[{name}] export: {out['steps']['export']}", flush=True)
+    return error
+
+
+def run_case(
+    name: str,
+    model_dir: Path,
+    work: Path,
+    config: QuantizationConfig,
+    device: str,
+    with_fidelity: bool,
+) -> dict[str, Any]:
+
+    shape = plan.ModelShape.from_hf_config(json.loads((model_dir / "config.json").read_text()))
+    steps = planned_steps(shape, config, device, with_fidelity)
+    out: dict[str, Any] = {"case": name, "max_gpu_memory": config.max_gpu_memory, "steps": {}}
+    generator = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, shape.vocab, (config.calib_size, config.calib_seq), generator=generator)
+
+    with PeakMemory() as peak:
+        started = time.perf_counter()
+        model, input_device, where = load_for_calibration(config, model_dir, device)
+    out["placement"] = where
+    out["steps"]["load"] = measured(peak, time.perf_counter() - started)
+    print(f"[{name}] load: {out['steps']['load']} on {where}", flush=True)
+
+    export_dir = work / f"export-{name}"
+    error = calibrate_and_export(name, model, windows, input_device, config, steps, export_dir, device, out)
     del model
     gc.collect()
     if device == "cuda":
@@ -202,8 +229,6 @@ def run_in_memory_case(
 ) -> dict[str, Any]:
     """Calibrate and export a model built straight in GPU memory (no checkpoint on disk), for shapes whose BF16
     checkpoint the machine's disk cannot hold. No fidelity step (it reads the BF16 files)."""
-    import modelopt.torch.quantization as mtq
-    from modelopt.torch.export import export_hf_checkpoint
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -216,20 +241,7 @@ def run_in_memory_case(
         dtype="bfloat16",
     )
     shape = plan.ModelShape.from_hf_config(hf_config.to_dict())
-    machine = plan.Machine.detect(device)
-    memory_plan = plan.plan_release(
-        shape,
-        machine,
-        {"quantize"},
-        calib_batch=config.batch_size,
-        calib_seq=config.calib_seq,
-        per_channel=config.algorithm == "fp8_pc_pt",
-        fidelity_tokens=0,
-        engine="builtin",
-        engine_tokens=0,
-        fp8_kv_cache=False,
-    )
-    steps = {step.step.split(" ")[0]: step for step in memory_plan.steps}
+    steps = planned_steps(shape, config, device, with_fidelity=False)
     out: dict[str, Any] = {"case": "in-memory", "params": shape.params, "steps": {}}
     with PeakMemory() as peak:
         started = time.perf_counter()
@@ -241,9 +253,7 @@ def run_in_memory_case(
         finally:
             torch.set_default_dtype(default_dtype)
         model = model.to_empty(device=device)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0.0, 0.02)
+        init_random_(model)
         model.model.rotary_emb = LlamaRotaryEmbedding(config=hf_config, device=device)
         model.eval()
         sync(device)
@@ -254,32 +264,10 @@ def run_in_memory_case(
         torch.cuda.empty_cache()
     generator = torch.Generator().manual_seed(0)
     windows = torch.randint(0, shape.vocab, (config.calib_size, config.calib_seq), generator=generator)
-    batch = config.batch_size
-
-    def forward_loop(calibrated: torch.nn.Module) -> None:
-        with torch.inference_mode():
-            for first in range(0, config.calib_size, batch):
-                calibrated(windows[first : first + batch].to(device))
-
-    with PeakMemory() as peak:
-        started = time.perf_counter()
-        mtq.quantize(model, modelopt_config(config), forward_loop)
-        sync(device)
-    out["steps"]["calibrate"] = {**measured(peak, time.perf_counter() - started), **predicted(steps.get("calibrate"))}
-    print(f"[in-memory] calibrate: {out['steps']['calibrate']}", flush=True)
     export_dir = work / "export-in-memory"
-    shutil.rmtree(export_dir, ignore_errors=True)
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    with PeakMemory() as peak:
-        started = time.perf_counter()
-        with torch.inference_mode():
-            export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(export_dir))
-    out["steps"]["export"] = {**measured(peak, time.perf_counter() - started), **predicted(steps.get("export"))}
-    files = [p for p in export_dir.iterdir() if p.suffix == ".safetensors"]
-    out["steps"]["export"]["disk_bytes"] = sum(p.stat().st_size for p in files)
-    out["steps"]["export"]["predicted_disk_bytes"] = steps["export"].disk_bytes
-    print(f"[in-memory] export: {out['steps']['export']}", flush=True)
+    error = calibrate_and_export("in-memory", model, windows, device, config, steps, export_dir, device, out)
+    if error:
+        raise RuntimeError(f"export failed: {error}")
     for step in out["steps"].values():
         ratio(step)
     shutil.rmtree(export_dir, ignore_errors=True)
@@ -305,34 +293,11 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.work.mkdir(parents=True, exist_ok=True)
     shape_config = {**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})}
-    if args.in_memory:
-        import modelopt
+    import modelopt
 
-        config = QuantizationConfig(
-            algorithm=args.algorithm, calib_size=args.calib_size, calib_seq=args.calib_seq, batch_size=args.batch
-        )
-        machine = plan.Machine.detect(device)
-        result = {
-            "benchmark": "quantize_memory",
-            "device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU {platform.machine()}",
-            "gpus": machine.gpus,
-            "gpu_total_bytes": machine.gpu_bytes,
-            "host_total_bytes": machine.host_bytes,
-            "torch": torch.__version__,
-            "modelopt": modelopt.__version__,
-            "date": time.strftime("%Y-%m-%d"),
-            "shape": {"name": args.shape, **shape_config},
-            "calibration": {"size": args.calib_size, "seq": args.calib_seq, "batch": args.batch},
-            "algorithm": args.algorithm,
-            "cases": [run_in_memory_case(shape_config, args.work, config, device)],
-        }
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result, indent=2))
-        return
-    model_dir = args.work / "bf16"
-    shutil.rmtree(model_dir, ignore_errors=True)
-    started = time.perf_counter()
-    write_random_checkpoint(SHAPES[args.shape], model_dir, device)
+    config = QuantizationConfig(
+        algorithm=args.algorithm, calib_size=args.calib_size, calib_seq=args.calib_seq, batch_size=args.batch
+    )
     machine = plan.Machine.detect(device)
     result: dict[str, Any] = {
         "benchmark": "quantize_memory",
@@ -341,19 +306,23 @@ def main() -> None:
         "gpu_total_bytes": machine.gpu_bytes,
         "host_total_bytes": machine.host_bytes,
         "torch": torch.__version__,
+        "modelopt": modelopt.__version__,
         "date": time.strftime("%Y-%m-%d"),
-        "shape": {"name": args.shape, **SHAPES[args.shape]},
-        "checkpoint_write_seconds": round(time.perf_counter() - started, 1),
+        "shape": {"name": args.shape, **shape_config},
         "calibration": {"size": args.calib_size, "seq": args.calib_seq, "batch": args.batch},
         "algorithm": args.algorithm,
         "cases": [],
     }
-    import modelopt
-
-    result["modelopt"] = modelopt.__version__
-    config = QuantizationConfig(
-        algorithm=args.algorithm, calib_size=args.calib_size, calib_seq=args.calib_seq, batch_size=args.batch
-    )
+    if args.in_memory:
+        result["cases"].append(run_in_memory_case(shape_config, args.work, config, device))
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return
+    model_dir = args.work / "bf16"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    started = time.perf_counter()
+    write_random_checkpoint(shape_config, model_dir, device)
+    result["checkpoint_write_seconds"] = round(time.perf_counter() - started, 1)
     result["cases"].append(run_case("single", model_dir, args.work, config, device, with_fidelity=True))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.offload_cap and device == "cuda":

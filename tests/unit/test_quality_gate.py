@@ -126,7 +126,7 @@ def test_a_failed_gate_fails_the_publish_stage_before_anything_is_stored(tmp_pat
     from tasks.publish import publish_task
 
     store = open_store(str(tmp_path / "artifacts"))
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "gate")
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "gate", (tmp_path / "mlflow-artifacts").as_uri())
     tracker.start("gate", params={}, tags={})
     runner = StageRunner(
         store=StageStore(tmp_path / "state"),
